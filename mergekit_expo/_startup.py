@@ -1,0 +1,78 @@
+"""Start-up hook: registers ``expo`` when mergekit is imported, without importing mergekit.
+
+``mergekit_expo.pth`` imports this module at interpreter start-up. mergekit 0.1.5 has no plugin
+entry points, so a ``sys.meta_path`` finder waits for the mergekit modules we extend and calls
+``mergekit_expo.registration`` right after each has executed. Nothing heavy is imported here.
+Set ``MERGEKIT_EXPO_DISABLE=1`` to opt out; ``mergekit_expo.register()`` still works.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import sys
+from types import ModuleType
+
+OPT_OUT_ENV = "MERGEKIT_EXPO_DISABLE"
+
+# mergekit module -> function in mergekit_expo.registration to run once it has executed
+AFTER_IMPORT = {
+    "mergekit.merge_methods": "after_merge_methods",
+    "mergekit.card": "after_card",
+    "mergekit.tokenizer.embed": "after_embed",
+    "mergekit.io.tasks": "after_io_tasks",
+}
+
+
+class _HookedLoader(importlib.abc.Loader):
+    """Delegates to the real loader, then runs our hook on the executed module."""
+
+    def __init__(self, loader: importlib.abc.Loader, hook: str):
+        self._loader = loader
+        self._hook = hook
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        from mergekit_expo import registration
+
+        registration.run_hook(self._hook, module)
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
+
+
+class AfterImportFinder(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; wraps the loader the other finders return for hooked modules."""
+
+    def find_spec(self, fullname, path, target=None):
+        hook = AFTER_IMPORT.get(fullname)
+        if hook is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or isinstance(finder, AfterImportFinder):
+                continue
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec(fullname, path, target) if find_spec else None
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _HookedLoader(spec.loader, hook)
+        return spec
+
+
+def install() -> bool:
+    """Put the finder first on ``sys.meta_path`` unless opted out or already there."""
+    if os.environ.get(OPT_OUT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False
+    if any(isinstance(finder, AfterImportFinder) for finder in sys.meta_path):
+        return True
+    sys.meta_path.insert(0, AfterImportFinder())
+    return True
+
+
+install()

@@ -1,0 +1,93 @@
+"""``merge_method: expo`` — model extrapolation (ExPO) and the iterative-DPO (λ, α) merge.
+
+With θ₀ = ``base_model`` (the SFT / reference model), θ_T = the final checkpoint (the last
+model listed, or the one with ``final: true``) and θ̄ = the mean of every other listed model:
+
+    θ = −αθ₀ + (1+α)λθ̄ + (1+α)(1−λ)θ_T
+
+λ = 0 is ExPO, θ₂ = θ₁ + α(θ₁ − θ₀) (Zheng et al., arXiv:2404.16792); λ > 0 is Algorithm 2 of
+"Language model merging in iterative preference learning". α and λ are resolved per tensor by
+mergekit, so filters and layer gradients apply.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    FunctionalGroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    PerInputValues,
+    TensorGroup,
+)
+from mergekit_expo import METHOD_NAME
+from mergekit_expo.checks import check_finite, warn_if_unrelated
+from mergekit_expo.extrapolation import extrapolate
+from mergekit_expo.parameters import (
+    DEFAULT_ALPHA,
+    DEFAULT_LAMBDA,
+    DEFAULT_WARN_RELATIVE_CHANGE,
+    number,
+)
+from mergekit_expo.roles import announce, require_reference, tensor_roles
+from mergekit_expo.vocabulary import keep_rows_reference_lacks
+
+
+def expo_merge(group: TensorGroup, **parameters) -> torch.Tensor:
+    """θ = lerp(lerp(θ_T, θ̄, λ), θ₀, −α), computed in float32 and rounded once.
+
+    ``parameters`` holds alpha, lambda (a Python keyword, hence no named argument), the
+    per-model ``final`` flags and ``warn_relative_change``, resolved for this tensor.
+    """
+    alpha: float = parameters["alpha"]
+    lam: float = parameters["lambda"]
+    final: PerInputValues[bool] = parameters["final"]
+    roles = tensor_roles(group, final, lam)
+    announce(roles, alpha=alpha, lam=lam)
+    if not roles.final.tensor.is_floating_point():
+        return roles.final.tensor
+    warn_if_unrelated(roles, parameters["warn_relative_change"])
+    result = extrapolate(
+        roles.reference.tensor,
+        roles.final.tensor,
+        [entry.tensor for entry in roles.intermediates],
+        alpha=alpha,
+        lam=lam,
+    )
+    keep_rows_reference_lacks(result, roles, group.metadata.vocabulary_axis)
+    check_finite(result, roles, alpha=alpha, lam=lam)
+    return result
+
+
+class ExpoMergeMethod(FunctionalGroupMergeMethod):
+    """Only adds an error that says which model is missing and how to name it."""
+
+    def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
+        require_reference(input_ids, base_id, group_name)
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+
+
+expo_method = ExpoMergeMethod(
+    MergeMethodSpec(
+        name=METHOD_NAME,
+        pretty_name="ExPO (model extrapolation)",
+        reference_url="https://arxiv.org/abs/2404.16792",
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+        parameters=(
+            ParameterSpec("alpha", number("alpha"), ParameterScope.SHARED, DEFAULT_ALPHA),
+            ParameterSpec("lambda", number("lambda"), ParameterScope.SHARED, DEFAULT_LAMBDA),
+            ParameterSpec("final", bool, ParameterScope.NON_BASE, False),
+            ParameterSpec(
+                "warn_relative_change",
+                number("warn_relative_change"),
+                ParameterScope.SHARED,
+                DEFAULT_WARN_RELATIVE_CHANGE,
+            ),
+        ),
+    ),
+    expo_merge,
+)
