@@ -86,4 +86,6 @@ def _setting(value: Any) -> str:
         value = value.model_dump(exclude_none=True)
     elif isinstance(value, list):
         value = [v.model_dump(exclude_none=True) if hasattr(v, "model_dump") else v for v in value]
+    if isinstance(value, (int, float, str)):
+        return str(value)
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()

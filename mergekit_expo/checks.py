@@ -7,7 +7,10 @@ from collections.abc import Hashable
 
 import torch
 
-from mergekit_expo.roles import Roles
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mergekit_expo.roles import Roles
 
 LOG = logging.getLogger("mergekit_expo")
 

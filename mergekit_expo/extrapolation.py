@@ -9,7 +9,11 @@ Both are evaluated in delta form around a checkpoint, never as a sum of large pr
     m = lerp(θ_T, θ̄, λ)  = θ_T + λ(θ̄ − θ_T)
     θ = lerp(m, θ₀, −α)  = m + α(m − θ₀)
 
-in float32 (float64 for float64 inputs), rounded once to the output dtype.
+in float64 scratch, chunked by rows, and rounded once to the output dtype. float32 is not
+enough: α = 1.7 is not a float32 number, and its rounding alone flips 0.04 % (ExPO) to 0.45 %
+(λ = 0.2) of bf16 results whose exact value is a rounding tie (bf16 deltas are short dyadic
+numbers, so ties are common); float64 lands on the tie and rounds it as the exact formula does.
+The float64 pass costs ~1.7 ns per element on 2 cores, far below the cost of reading the inputs.
 """
 
 from __future__ import annotations
@@ -18,13 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-# Rows per chunk are chosen so that float32 scratch stays near this many elements.
-CHUNK_ELEMENTS = 1 << 22
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything narrower is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# Rows per chunk are chosen so that float64 scratch stays near this many elements (16 MiB).
+CHUNK_ELEMENTS = 1 << 21
 
 
 def extrapolate(
@@ -42,13 +41,10 @@ def extrapolate(
     """
     if out is None:
         out = torch.empty_like(final, memory_format=torch.preserve_format)
-    if not lam and reference.dtype == final.dtype == out.dtype:
-        # One fused pass: lerp upcasts bf16/fp16 to float32 internally and rounds once.
-        return torch.lerp(final, reference, -alpha, out=out)
     if lam and not intermediates:
         raise ValueError("lambda != 0 needs at least one intermediate checkpoint")
 
-    work = working_dtype(final.dtype)
+    work = torch.float64
     if final.ndim == 0:
         out.copy_(_extrapolate_block(reference, final, intermediates, alpha, lam, work))
         return out

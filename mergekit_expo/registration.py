@@ -1,7 +1,9 @@
 """How ``expo`` joins the unmodified mergekit tools: registration plus three small extensions.
 
 Each ``after_*`` function runs right after the mergekit module it names has executed (see
-``_startup``), or from ``register()`` for explicit use. All are idempotent.
+``_startup``), or from ``register()`` for explicit use. All are idempotent. Only
+``after_merge_methods`` imports our torch/mergekit modules at hook time; the others import them
+inside their wrappers, because mergekit may still be half-imported when they run.
 
 - ``mergekit.merge_methods``: register the method by name.
 - ``mergekit.card``: add a section naming θ₀, θ_T, the intermediates, α and λ to the card.
@@ -73,12 +75,12 @@ def after_embed(embed: ModuleType) -> None:
     task = embed.PermutedVocabulary
     if getattr(task.execute, _MARK, False):
         return
-    from mergekit_expo.vocabulary import record_rows_reference_lacks
-
     original = task.execute
 
     @functools.wraps(original)
     def execute(self, tokenizer_info, tensors):
+        from mergekit_expo.vocabulary import record_rows_reference_lacks
+
         result = original(self, tokenizer_info=tokenizer_info, tensors=tensors)
         base = self.base_model
         if base is not None and base in result and base in tokenizer_info.permutations:
@@ -97,8 +99,6 @@ def after_io_tasks(tasks: ModuleType) -> None:
     task = tasks.SaveTensor
     if getattr(task.execute, _MARK, False):
         return
-    from mergekit_expo.checks import NonFiniteError, overflow_message
-
     original = task.execute
 
     @functools.wraps(original)
@@ -112,6 +112,7 @@ def after_io_tasks(tasks: ModuleType) -> None:
             import torch
 
             from mergekit.common import dtype_from_name
+            from mergekit_expo.checks import NonFiniteError, overflow_message
 
             tensor = tensor.to(dtype=dtype_from_name(self.dtype))
             if not bool(torch.isfinite(tensor).all()):

@@ -13,7 +13,10 @@ import weakref
 
 import torch
 
-from mergekit_expo.roles import Roles
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mergekit_expo.roles import Roles
 
 _lacking: weakref.WeakKeyDictionary[torch.Tensor, torch.Tensor] = weakref.WeakKeyDictionary()
 

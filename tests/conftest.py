@@ -1,0 +1,80 @@
+"""Tiny but real checkpoints, built once per session, and helpers to merge and check them."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from mergekit_expo.tiny import build_model, build_tokenizer, derive  # noqa: E402
+
+
+class Zoo:
+    """Checkpoints by name, built on first use: SFT models and their aligned relatives."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._tokenizer = None
+
+    def _path(self, name: str, build) -> Path:
+        path = self.root / name
+        if not (path / "config.json").exists():
+            build(path)
+        return path
+
+    def base(self, name: str, *, dtype=torch.bfloat16, seed=0, hidden=64, **kw) -> Path:
+        if self._tokenizer is None:
+            self._tokenizer = build_tokenizer()
+        return self._path(
+            name,
+            lambda p: build_model(
+                p, seed=seed, dtype=dtype, hidden=hidden, tokenizer=self._tokenizer, **kw
+            ),
+        )
+
+    def relative(self, name: str, source: Path, *, seed: int, scale=0.02, **kw) -> Path:
+        return self._path(name, lambda p: derive(source, p, seed=seed, scale=scale, **kw))
+
+    # the usual cast
+    @property
+    def sft(self) -> Path:
+        return self.base("sft", hidden=256)
+
+    @property
+    def dpo(self) -> Path:
+        return self.relative("dpo", self.sft, seed=1)
+
+    def iterates(self, count: int = 3) -> list[Path]:
+        """Iterative-DPO checkpoints θ₁…θ_T of the same reference, each a step further."""
+        paths, previous = [], self.sft
+        for index in range(1, count + 1):
+            previous = self.relative(f"iter{index}", previous, seed=10 + index, scale=0.01)
+            paths.append(previous)
+        return paths
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> Zoo:
+    return Zoo(tmp_path_factory.mktemp("zoo"))
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_merge_in_process(config: dict, out: Path, **options) -> Path:
+    """The real mergekit engine, in this process (no 8 s import per merge)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    merge_options = MergeOptions(quiet=True, **options)
+    run_merge(MergeConfiguration.model_validate(config), str(out), options=merge_options)
+    return out
