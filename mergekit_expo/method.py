@@ -12,6 +12,8 @@ mergekit, so filters and layer gradients apply.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from mergekit.merge_methods.base import (
@@ -33,6 +35,7 @@ from mergekit_expo.parameters import (
     DEFAULT_WARN_RELATIVE_CHANGE,
     number,
 )
+from mergekit_expo.registration import after_merge_methods
 from mergekit_expo.roles import announce, require_reference, tensor_roles
 from mergekit_expo.vocabulary import keep_rows_reference_lacks
 
@@ -91,3 +94,7 @@ expo_method = ExpoMergeMethod(
     ),
     expo_merge,
 )
+
+# When this module is imported before mergekit, its own import of mergekit ran the hook while
+# expo_method did not exist yet; register now (idempotent otherwise).
+after_merge_methods(importlib.import_module("mergekit.merge_methods"))

@@ -40,6 +40,9 @@ def run_hook(hook: str, module: ModuleType) -> None:
 
 
 def after_merge_methods(merge_methods: ModuleType) -> None:
+    method_module = sys.modules.get("mergekit_expo.method")
+    if method_module is not None and not hasattr(method_module, "expo_method"):
+        return  # mergekit_expo.method is importing mergekit right now; it registers at its end
     from mergekit_expo.method import expo_method
 
     names = {method.spec.name: method for method in merge_methods.registered_methods()}

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mergekit.merge_methods.base import PerInputValues, TensorEntry, TensorGroup
+if TYPE_CHECKING:  # importing mergekit here would start its import (and our hook) too early
+    from mergekit.merge_methods.base import PerInputValues, TensorEntry, TensorGroup
 
 LOG = logging.getLogger("mergekit_expo")
 
@@ -75,6 +77,11 @@ def tensor_roles(group: TensorGroup, final: PerInputValues[bool], lam: float) ->
 
 
 _announced: set[tuple] = set()
+
+
+def reset_announcements() -> None:
+    """Forget what was logged, so the next merge in this process logs its roles again."""
+    _announced.clear()
 
 
 def announce(roles: Roles, *, alpha: float, lam: float) -> None:

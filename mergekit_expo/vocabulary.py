@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mergekit_expo.roles import Roles
 
-_lacking: weakref.WeakKeyDictionary[torch.Tensor, torch.Tensor] = weakref.WeakKeyDictionary()
+# id(reference tensor) -> (weak reference to it, row ids); entries vanish with the tensor.
+# (A WeakKeyDictionary would compare tensors with ==, which is elementwise.)
+_lacking: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
 
 def record_rows_reference_lacks(
@@ -27,7 +29,9 @@ def record_rows_reference_lacks(
     """Remember the output-vocabulary ids whose reference row was invented by mergekit."""
     rows = [token_id for token_id in vocab_ids if permutation.get(token_id, -1) < 0]
     if rows:
-        _lacking[reference_tensor] = torch.tensor(sorted(rows), dtype=torch.long)
+        key = id(reference_tensor)
+        _lacking[key] = (weakref.ref(reference_tensor), torch.tensor(sorted(rows)))
+        weakref.finalize(reference_tensor, _lacking.pop, key, None)
 
 
 def keep_rows_reference_lacks(
@@ -36,9 +40,9 @@ def keep_rows_reference_lacks(
     """Copy θ_T's rows into ``result`` wherever θ₀'s row was invented."""
     if vocabulary_axis is None:
         return
-    rows = _lacking.get(roles.reference.tensor)
-    if rows is None:
+    entry = _lacking.get(id(roles.reference.tensor))
+    if entry is None or entry[0]() is not roles.reference.tensor:
         return
-    rows = rows.to(result.device)
+    rows = entry[1].to(result.device)
     final_rows = roles.final.tensor.index_select(vocabulary_axis, rows)
     result.index_copy_(vocabulary_axis, rows, final_rows.to(result.dtype))
