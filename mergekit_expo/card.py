@@ -39,13 +39,23 @@ def slice_roles(config: Any) -> list[dict[str, Any]]:
 
     shared = config.parameters or {}
     if config.models:
-        add("all layers", [(m.model, m.parameters) for m in config.models], config.base_model, shared)
+        add(
+            "all layers",
+            [(m.model, m.parameters) for m in config.models],
+            config.base_model,
+            shared,
+        )
     for index, piece in enumerate(config.slices or []):
         _add_slice(add, f"slice {index}", piece, config.base_model, shared)
     for module_name, module in (config.modules or {}).items():
         params = {**shared, **(module.parameters or {})}
         if module.models:
-            add(module_name, [(m.model, m.parameters) for m in module.models], config.base_model, params)
+            add(
+                module_name,
+                [(m.model, m.parameters) for m in module.models],
+                config.base_model,
+                params,
+            )
         for index, piece in enumerate(module.slices or []):
             _add_slice(add, f"{module_name} slice {index}", piece, config.base_model, params)
     return found
@@ -54,7 +64,11 @@ def slice_roles(config: Any) -> list[dict[str, Any]]:
 def _add_slice(add, label: str, piece: Any, base: Any, params: dict) -> None:
     sources = [(s.model, s.parameters) for s in piece.sources]
     layers = {tuple(s.layer_range) for s in piece.sources}
-    label = f"{label}, layers {sorted(layers)}" if len(layers) > 1 else f"{label}, layers {layers.pop()}"
+    label = (
+        f"{label}, layers {sorted(layers)}"
+        if len(layers) > 1
+        else f"{label}, layers {layers.pop()}"
+    )
     add(label, sources, piece.base_model or base, {**params, **(piece.parameters or {})})
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
 import torch
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mergekit_expo.roles import Roles

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 
 import torch
-
 from mergekit.merge_methods.base import (
     BasePolicy,
     FunctionalGroupMergeMethod,
@@ -26,6 +25,7 @@ from mergekit.merge_methods.base import (
     PerInputValues,
     TensorGroup,
 )
+
 from mergekit_expo import METHOD_NAME
 from mergekit_expo.checks import check_finite, warn_if_unrelated
 from mergekit_expo.extrapolation import extrapolate

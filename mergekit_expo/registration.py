@@ -113,15 +113,13 @@ def after_io_tasks(tasks: ModuleType) -> None:
             and getattr(self.tensor_task, "method_name", None) == METHOD_NAME
         ):
             import torch
-
             from mergekit.common import dtype_from_name
+
             from mergekit_expo.checks import NonFiniteError, overflow_message
 
             tensor = tensor.to(dtype=dtype_from_name(self.dtype))
             if not bool(torch.isfinite(tensor).all()):
-                raise NonFiniteError(
-                    overflow_message(self.tensor_name, tensor.dtype)
-                )
+                raise NonFiniteError(overflow_message(self.tensor_name, tensor.dtype))
         return original(self, writer=writer, tensor=tensor)
 
     setattr(execute, _MARK, True)

@@ -106,6 +106,4 @@ def announce(roles: Roles, *, alpha: float, lam: float) -> None:
     values = (key, alpha, lam)
     if values not in _announced:
         _announced.add(values)
-        LOG.info(
-            "expo: alpha = %g, lambda = %g (first used for %s)", alpha, lam, roles.tensor_name
-        )
+        LOG.info("expo: alpha = %g, lambda = %g (first used for %s)", alpha, lam, roles.tensor_name)

@@ -114,7 +114,10 @@ def derive(
             old = len(tokenizer)
             tokenizer.add_tokens(list(add_tokens))
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            for matrix in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            for matrix in {
+                model.get_input_embeddings().weight,
+                model.get_output_embeddings().weight,
+            }:
                 rows = torch.randn((len(tokenizer) - old, matrix.shape[1]), generator=generator)
                 matrix[old:] = rows * matrix[:old].pow(2).mean().sqrt()
     return _save(model.to(dtype), tokenizer, out_dir)

@@ -10,10 +10,9 @@ a merge method which rows were invented; ``record_rows_reference_lacks`` wraps i
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mergekit_expo.roles import Roles

@@ -42,4 +42,3 @@ def agreement(actual: torch.Tensor, expected64: torch.Tensor) -> float:
     """Share of elements equal to the float64 value rounded to the actual dtype."""
     assert actual.shape == expected64.shape
     return float((actual == expected64.to(actual.dtype)).double().mean())
-

@@ -27,7 +27,9 @@ def assert_formula(out_dir, base, final, intermediates=(), *, alpha, lam=0.0, mi
     mids = [load(m) for m in intermediates]
     assert set(out) == set(theta_t)
     for name, tensor in out.items():
-        expected = formula64(theta0[name], theta_t[name], [m[name] for m in mids], alpha=alpha, lam=lam)
+        expected = formula64(
+            theta0[name], theta_t[name], [m[name] for m in mids], alpha=alpha, lam=lam
+        )
         assert tensor.dtype == theta_t[name].dtype, name
         assert agreement(tensor, expected) >= minimum, name
 
@@ -42,7 +44,9 @@ def test_expo_bf16_matches_float64_formula_on_every_tensor(zoo, tmp_path):
 def test_agreement_figure_over_the_whole_model(zoo, tmp_path):
     """The headline number: share of all elements equal to the float64 formula in bf16."""
     for alpha in (0.3, 1.7):
-        out = load(run_merge_in_process(expo_config(zoo.sft, zoo.dpo, alpha=alpha), tmp_path / f"a{alpha}"))
+        out = load(
+            run_merge_in_process(expo_config(zoo.sft, zoo.dpo, alpha=alpha), tmp_path / f"a{alpha}")
+        )
         theta0, theta1 = load(zoo.sft), load(zoo.dpo)
         same = sum(
             int((out[k] == formula64(theta0[k], theta1[k], alpha=alpha).to(out[k].dtype)).sum())
@@ -83,13 +87,17 @@ def test_iterative_merge_individual_and_preaveraged_agree(zoo, tmp_path):
 
 def test_iterative_merge_with_bf16_average_differs_only_by_its_rounding(zoo, tmp_path):
     it1, it2, it3 = zoo.iterates(3)
-    single = load(run_merge_in_process(
-        expo_config(zoo.sft, it1, it2, it3, alpha=0.4, **{"lambda": 0.3}), tmp_path / "single"
-    ))
+    single = load(
+        run_merge_in_process(
+            expo_config(zoo.sft, it1, it2, it3, alpha=0.4, **{"lambda": 0.3}), tmp_path / "single"
+        )
+    )
     average = average_of((it1, it2), tmp_path / "average16", "bfloat16")
-    two_step = load(run_merge_in_process(
-        expo_config(zoo.sft, average, it3, alpha=0.4, **{"lambda": 0.3}), tmp_path / "two_step"
-    ))
+    two_step = load(
+        run_merge_in_process(
+            expo_config(zoo.sft, average, it3, alpha=0.4, **{"lambda": 0.3}), tmp_path / "two_step"
+        )
+    )
     mid1, mid2 = load(it1), load(it2)
     eps = torch.finfo(torch.bfloat16).eps
     for name in single:
@@ -125,14 +133,20 @@ def test_slices_with_layer_ranges_and_slice_parameters(zoo, tmp_path):
     out = load(run_merge_in_process(config, tmp_path / "out"))
     theta0, theta1 = load(zoo.sft), load(zoo.dpo)
     for name, tensor in out.items():
-        alpha = 0.6 if ".layers.1." in name or name in ("model.norm.weight", "lm_head.weight") else 0.2
+        alpha = (
+            0.6 if ".layers.1." in name or name in ("model.norm.weight", "lm_head.weight") else 0.2
+        )
         assert agreement(tensor, formula64(theta0[name], theta1[name], alpha=alpha)) >= 0.9999, name
 
 
 def test_per_module_filters_and_layer_gradients(zoo, tmp_path):
     config = expo_config(zoo.sft, zoo.dpo)
     config["parameters"] = {
-        "alpha": [{"filter": "mlp", "value": 0.5}, {"filter": "self_attn", "value": [0.1, 0.3]}, {"value": 0.2}]
+        "alpha": [
+            {"filter": "mlp", "value": 0.5},
+            {"filter": "self_attn", "value": [0.1, 0.3]},
+            {"value": 0.2},
+        ]
     }
     out = load(run_merge_in_process(config, tmp_path / "out"))
     theta0, theta1 = load(zoo.sft), load(zoo.dpo)
@@ -160,13 +174,19 @@ def test_tokenizer_union_and_base_with_added_tokens(zoo, tmp_path, source):
     config["tokenizer"] = {"source": source}
     out_dir = run_merge_in_process(config, tmp_path / source)
     out, theta0, theta1 = load(out_dir), load(zoo.sft), load(aligned)
-    vocab_out, vocab0, vocab1 = _rows_by_token(out_dir), _rows_by_token(zoo.sft), _rows_by_token(aligned)
+    vocab_out, vocab0, vocab1 = (
+        _rows_by_token(out_dir),
+        _rows_by_token(zoo.sft),
+        _rows_by_token(aligned),
+    )
     assert out["model.embed_tokens.weight"].shape[0] == len(vocab_out)
     assert (set(added) <= set(vocab_out)) == (source == "union")
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         for token, row in vocab_out.items():
             if token in vocab0:
-                expected = formula64(theta0[name][vocab0[token]], theta1[name][vocab1[token]], alpha=0.5)
+                expected = formula64(
+                    theta0[name][vocab0[token]], theta1[name][vocab1[token]], alpha=0.5
+                )
                 assert agreement(out[name][row], expected) >= 0.98, (name, token)
             else:  # the reference lacks it: the aligned model's own row, untouched
                 assert torch.equal(out[name][row], theta1[name][vocab1[token]]), (name, token)
@@ -192,12 +212,17 @@ def test_lora_input(zoo, tmp_path):
     sft = zoo.base("sft32", dtype=torch.float32, seed=3)
     model = AutoModelForCausalLM.from_pretrained(str(sft), dtype=torch.float32)
     lora = peft.get_peft_model(
-        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model,
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
     )
     adapter = tmp_path / "adapter"
     lora.save_pretrained(str(adapter))
     config = expo_config(f"{sft}", f"{sft}+{adapter}", alpha=0.5)
-    out = load(run_merge_in_process(config, tmp_path / "out", lora_merge_cache=str(tmp_path / "cache")))
+    out = load(
+        run_merge_in_process(config, tmp_path / "out", lora_merge_cache=str(tmp_path / "cache"))
+    )
 
     from safetensors.torch import load_file
 
@@ -256,7 +281,9 @@ def test_missing_base_model_is_refused_before_writing(zoo, tmp_path):
 
 def test_lambda_without_intermediates_is_refused(zoo, tmp_path):
     with pytest.raises(ValueError, match="no intermediate checkpoint"):
-        run_merge_in_process(expo_config(zoo.sft, zoo.dpo, alpha=0.3, **{"lambda": 0.2}), tmp_path / "o")
+        run_merge_in_process(
+            expo_config(zoo.sft, zoo.dpo, alpha=0.3, **{"lambda": 0.2}), tmp_path / "o"
+        )
     assert not (tmp_path / "o" / "config.json").exists()
 
 

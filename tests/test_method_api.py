@@ -65,13 +65,18 @@ def test_other_float_dtypes_round_once(dtype):
 
 def test_base_position_does_not_matter():
     theta0, theta1 = pair()
-    assert torch.equal(expo([theta1, theta0], base_index=1, alpha=0.4), expo([theta0, theta1], alpha=0.4))
+    assert torch.equal(
+        expo([theta1, theta0], base_index=1, alpha=0.4), expo([theta0, theta1], alpha=0.4)
+    )
 
 
 def test_iterative_merge_matches_algorithm_2():
     generator = torch.Generator().manual_seed(3)
     theta0 = torch.randn(300, 700, generator=generator, dtype=torch.float64) * 0.02
-    checkpoints = [theta0 + torch.randn(300, 700, generator=generator, dtype=torch.float64) * 4e-4 * k for k in (1, 2, 3, 4)]
+    checkpoints = [
+        theta0 + torch.randn(300, 700, generator=generator, dtype=torch.float64) * 4e-4 * k
+        for k in (1, 2, 3, 4)
+    ]
     bf = [t.to(torch.bfloat16) for t in (theta0, *checkpoints)]
     for alpha, lam in ((0.4, 0.3), (1.7, 0.2), (0.3, 1.0)):
         out = merge_tensors(bf, "expo", base_index=0, parameters={"alpha": alpha, "lambda": lam})
@@ -82,7 +87,9 @@ def test_iterative_merge_matches_algorithm_2():
 def test_lambda_zero_is_expo_on_final():
     theta0, a = pair(seed=1)
     _, final = pair(seed=2)
-    with_intermediate = merge_tensors([theta0, a, final], "expo", base_index=0, parameters={"alpha": 0.3, "lambda": 0.0})
+    with_intermediate = merge_tensors(
+        [theta0, a, final], "expo", base_index=0, parameters={"alpha": 0.3, "lambda": 0.0}
+    )
     assert torch.equal(with_intermediate, expo([theta0, final], alpha=0.3))
 
 
@@ -91,10 +98,15 @@ def test_explicit_final_marker_overrides_order():
     _, b = pair(seed=2)
     ids = ["sft", "dpo_final", "dpo_mid"]
     marked = merge_tensors(
-        [theta0, b, a], "expo", ids=ids, base_index=0,
+        [theta0, b, a],
+        "expo",
+        ids=ids,
+        base_index=0,
         parameters={"alpha": 0.4, "lambda": 0.3, "final": {"dpo_final": True, "dpo_mid": False}},
     )
-    in_order = merge_tensors([theta0, a, b], "expo", base_index=0, parameters={"alpha": 0.4, "lambda": 0.3})
+    in_order = merge_tensors(
+        [theta0, a, b], "expo", base_index=0, parameters={"alpha": 0.4, "lambda": 0.3}
+    )
     assert torch.equal(marked, in_order)
 
 
@@ -130,7 +142,9 @@ def test_lambda_without_intermediate_is_refused():
 
 def test_shape_mismatch_names_the_tensor():
     with pytest.raises(ValueError, match="size mismatch for lm_head.weight"):
-        merge_tensors([torch.zeros(4, 3), torch.zeros(5, 3)], "expo", base_index=0, name="lm_head.weight")
+        merge_tensors(
+            [torch.zeros(4, 3), torch.zeros(5, 3)], "expo", base_index=0, name="lm_head.weight"
+        )
 
 
 def test_non_finite_input_names_model_and_tensor():
@@ -164,7 +178,9 @@ def test_unrelated_models_warn_once_with_the_figure(caplog):
     unrelated, _ = pair(seed=6)
     with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
         for name in ("a", "b"):
-            merge_tensors([theta0, unrelated], "expo", ids=["ref-x", "stranger-x"], base_index=0, name=name)
+            merge_tensors(
+                [theta0, unrelated], "expo", ids=["ref-x", "stranger-x"], base_index=0, name=name
+            )
     warnings = [r.getMessage() for r in caplog.records if "probably not an SFT" in r.getMessage()]
     assert len(warnings) == 1
     assert "stranger-x" in warnings[0] and "1.4" in warnings[0]

@@ -1,0 +1,88 @@
+"""The installed console scripts, run as a user runs them, and the output loaded back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from reference import agreement, formula64, load
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def run(*args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
+
+
+def test_mergekit_yaml_console_script_and_transformers_forward(zoo, tmp_path):
+    config = tmp_path / "expo.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "expo",
+                "base_model": str(zoo.sft),
+                "models": [{"model": str(zoo.dpo)}],
+                "parameters": {"alpha": 0.5},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    result = run(BIN / "mergekit-yaml", config, out, "-v")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"expo roles: reference θ₀ = {zoo.sft}; final θ_T = {zoo.dpo}" in result.stderr
+
+    merged, theta0, theta1 = load(out), load(zoo.sft), load(zoo.dpo)
+    for name, tensor in merged.items():
+        assert agreement(tensor, formula64(theta0[name], theta1[name], alpha=0.5)) >= 0.9999
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    aligned = AutoModelForCausalLM.from_pretrained(str(zoo.dpo)).eval()
+    assert model.dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    batch = tokenizer(["The assistant answers the question"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+        aligned_logits = aligned(**batch).logits
+    assert logits.shape == (1, batch["input_ids"].shape[1], len(tokenizer))
+    assert bool(torch.isfinite(logits).all())
+    assert not torch.equal(logits, aligned_logits)  # the extrapolation changed the model
+    for name, parameter in model.state_dict().items():
+        if name in merged:
+            assert torch.equal(parameter, merged[name]), name
+
+
+def test_mergekit_yaml_refuses_bad_alpha_and_writes_nothing_complete(zoo, tmp_path):
+    config = tmp_path / "bad.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "expo",
+                "base_model": str(zoo.sft),
+                "models": [{"model": str(zoo.dpo)}],
+                "parameters": {"alpha": "lots"},
+            }
+        )
+    )
+    result = run(BIN / "mergekit-yaml", config, tmp_path / "out")
+    assert result.returncode != 0
+    assert "expo parameter 'alpha' must be a number" in result.stderr
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_demo_command(tmp_path):
+    result = run(BIN / "mergekit-expo", "demo", tmp_path / "demo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = tmp_path / "demo" / "merged"
+    assert f"Extrapolated model: {merged}" in result.stdout
+    measured = float(result.stdout.split("= ")[1].split()[0])
+    assert abs(measured - 0.3) < 1e-3  # ‖θ₂ − θ₁‖ / ‖θ₁ − θ₀‖ = α
+    assert (merged / "config.json").exists() and (merged / "model.safetensors").exists()

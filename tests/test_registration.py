@@ -1,0 +1,129 @@
+"""`expo` is found by the unmodified mergekit tools after install, without start-up cost."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[1]
+
+
+def python(code: str, *, executable: str = sys.executable, **env) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_start_up_imports_neither_torch_nor_mergekit():
+    out = python(
+        "import sys; print('torch' in sys.modules, 'mergekit' in sys.modules,"
+        " 'mergekit_expo._startup' in sys.modules)"
+    )
+    assert out.stdout.split() == ["False", "False", "True"]
+
+
+@pytest.mark.parametrize(
+    "first_import",
+    [
+        "mergekit.merge",
+        "mergekit.merge_methods",
+        "mergekit.card",
+        "mergekit_expo.method",
+        "mergekit_expo.roles",
+        "mergekit.scripts.multimerge",
+    ],
+)
+def test_registered_whatever_is_imported_first(first_import):
+    python(
+        f"import {first_import}\n"
+        "from mergekit.merge_methods import get, registered_methods\n"
+        "assert get('expo').spec.name == 'expo'\n"
+        "assert [m.spec.name for m in registered_methods()].count('expo') == 1\n"
+        "import mergekit.merge, mergekit.card\n"
+        "assert getattr(mergekit.merge.generate_card, '__mergekit_expo__', False)\n"
+    )
+
+
+def test_opt_out_and_explicit_idempotent_registration():
+    python(
+        "from mergekit.merge_methods import registered_methods\n"
+        "assert 'expo' not in [m.spec.name for m in registered_methods()]\n"
+        "import mergekit.merge\n"
+        "import mergekit_expo\n"
+        "mergekit_expo.register(); mergekit_expo.register()\n"
+        "assert [m.spec.name for m in registered_methods()].count('expo') == 1\n"
+        "assert getattr(mergekit.merge.generate_card, '__mergekit_expo__', False)\n",
+        MERGEKIT_EXPO_DISABLE="1",
+    )
+
+
+def test_auto_registration_then_explicit_register_is_a_no_op():
+    python(
+        "import mergekit_expo\n"
+        "from mergekit.merge_methods import registered_methods, get\n"
+        "first = get('expo'); mergekit_expo.register()\n"
+        "assert get('expo') is first\n"
+    )
+
+
+def fresh_venv(root: Path) -> Path:
+    """A new venv that sees this environment's packages (mergekit, torch) but not its .pth files."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    site = Path(
+        subprocess.run(
+            [
+                str(root / "bin" / "python"),
+                "-c",
+                "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    (site / "zz_outer_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return root / "bin" / "python"
+
+
+@pytest.mark.parametrize("editable", [False, True], ids=["pip-install", "pip-install-e"])
+def test_fresh_install_registers_for_the_unmodified_tools(tmp_path, zoo, editable):
+    venv_python = fresh_venv(tmp_path / "venv")
+    install = [str(venv_python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    install += ["-e", str(REPO)] if editable else [str(REPO)]
+    result = subprocess.run(install, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    where = python(
+        "import sys, mergekit_expo; print(mergekit_expo.__file__);"
+        " print('mergekit' in sys.modules)",
+        executable=str(venv_python),
+    ).stdout.split()
+    expected_root = REPO if editable else tmp_path / "venv"
+    assert Path(where[0]).resolve().is_relative_to(expected_root.resolve())
+    assert where[1] == "False"
+
+    config = tmp_path / "expo.yml"
+    config.write_text(
+        f"merge_method: expo\nbase_model: {zoo.sft}\nmodels:\n  - model: {zoo.dpo}\n"
+        "parameters:\n  alpha: 0.3\n"
+    )
+    merge = subprocess.run(
+        [str(venv_python), "-m", "mergekit.scripts.run_yaml", str(config), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert merge.returncode == 0, merge.stderr[-3000:]
+    assert "Extrapolation roles" in (tmp_path / "out" / "README.md").read_text()
