@@ -21,18 +21,19 @@ def run(*args, timeout=600) -> subprocess.CompletedProcess:
     )
 
 
+def expo_yaml(path: Path, base: Path, aligned: Path, alpha) -> Path:
+    config = {
+        "merge_method": "expo",
+        "base_model": str(base),
+        "models": [{"model": str(aligned)}],
+        "parameters": {"alpha": alpha},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def test_mergekit_yaml_console_script_and_transformers_forward(zoo, tmp_path):
-    config = tmp_path / "expo.yml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "merge_method": "expo",
-                "base_model": str(zoo.sft),
-                "models": [{"model": str(zoo.dpo)}],
-                "parameters": {"alpha": 0.5},
-            }
-        )
-    )
+    config = expo_yaml(tmp_path / "expo.yml", zoo.sft, zoo.dpo, 0.5)
     out = tmp_path / "out"
     result = run(BIN / "mergekit-yaml", config, out, "-v")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,17 +62,7 @@ def test_mergekit_yaml_console_script_and_transformers_forward(zoo, tmp_path):
 
 
 def test_mergekit_yaml_refuses_bad_alpha_and_writes_nothing_complete(zoo, tmp_path):
-    config = tmp_path / "bad.yml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "merge_method": "expo",
-                "base_model": str(zoo.sft),
-                "models": [{"model": str(zoo.dpo)}],
-                "parameters": {"alpha": "lots"},
-            }
-        )
-    )
+    config = expo_yaml(tmp_path / "bad.yml", zoo.sft, zoo.dpo, "lots")
     result = run(BIN / "mergekit-yaml", config, tmp_path / "out")
     assert result.returncode != 0
     assert "expo parameter 'alpha' must be a number" in result.stderr

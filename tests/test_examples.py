@@ -127,13 +127,19 @@ def run_multi(config: Path, steps: Path, out: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_two_step_iterative_recipe_matches_one_pass(zoo, tmp_path):
-    path = next(p for p in EXAMPLES if p.name == "iterative-dpo-two-step.multi.yml")
+def run_multi_example(name: str, zoo, tmp_path: Path) -> tuple[list[dict], dict[str, Path]]:
+    """Substitute the example's paths and run it; return its documents and the checkpoints."""
+    path = next(p for p in EXAMPLES if p.name == name)
     paths = checkpoints(zoo)
     docs = substitute(list(yaml.safe_load_all(path.read_text())), paths)
     config = tmp_path / path.name
     config.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     run_multi(config, tmp_path / "steps", tmp_path / "out")
+    return docs, paths
+
+
+def test_two_step_iterative_recipe_matches_one_pass(zoo, tmp_path):
+    _, paths = run_multi_example("iterative-dpo-two-step.multi.yml", zoo, tmp_path)
     out = load(tmp_path / "out")
     theta0, it1, it2, it3 = (load(paths[k]) for k in ("sft", "iter1", "iter2", "iter3"))
     for name, tensor in out.items():
@@ -145,12 +151,7 @@ def test_two_step_iterative_recipe_matches_one_pass(zoo, tmp_path):
 def test_expo_then_slerp_recipe(zoo, tmp_path):
     from mergekit.merge_methods import merge_tensors
 
-    path = next(p for p in EXAMPLES if p.name == "expo-then-slerp.multi.yml")
-    paths = checkpoints(zoo)
-    docs = substitute(list(yaml.safe_load_all(path.read_text())), paths)
-    config = tmp_path / path.name
-    config.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-    run_multi(config, tmp_path / "steps", tmp_path / "out")
+    docs, paths = run_multi_example("expo-then-slerp.multi.yml", zoo, tmp_path)
     step = tmp_path / "steps" / "zephyr-expo"
     check_expo_output(step, {**docs[0], "base_model": str(paths["sft"])})
     extrapolated, domain, out = load(step), load(paths["domain"]), load(tmp_path / "out")
