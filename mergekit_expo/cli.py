@@ -79,7 +79,10 @@ def demo(out: Path, alpha: float) -> None:
 @click.option("--top-k", type=int, default=40, show_default=True, help="0 disables top-k.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed per candidate.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option(
+    "--batch-size", type=int, default=8, show_default=True,
+    help="Prompts per generation batch; also the reward-model and DPO batch.",
+)
 @click.option(
     "--chat-template",
     type=click.Choice(["auto", "on", "off"]),

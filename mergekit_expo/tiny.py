@@ -86,6 +86,33 @@ def build_model(
     return _save(model.to(dtype), tokenizer, out_dir)
 
 
+def build_reward_model(
+    out_dir: str | Path,
+    tokenizer,
+    *,
+    hidden: int = 32,
+    layers: int = 1,
+    num_labels: int = 1,
+    seed: int = 3,
+) -> Path:
+    """Save a tiny float32 Llama sequence classifier (a reward model) with ``tokenizer``."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 16),
+        num_key_value_heads=max(1, hidden // 16),
+        max_position_embeddings=512,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _save(LlamaForSequenceClassification(config), tokenizer, out_dir)
+
+
 def derive(
     source_dir: str | Path,
     out_dir: str | Path,

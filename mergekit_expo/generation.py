@@ -1,0 +1,159 @@
+"""Sampling answers to held-out prompts with transformers, the same way for every candidate.
+
+Defaults are the papers' decoding settings (temperature 0.7, top-p 0.9, top-k 40). The RNG is
+re-seeded before each candidate, so every candidate sees the same random numbers: differences
+between candidates then come from the weights, not from sampling noise (common random numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+LOG = logging.getLogger("mergekit_expo")
+
+
+class SamplingSettings(BaseModel):
+    """Decoding settings; all part of the results key, so changing one starts fresh rows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(0.7, ge=0.0, description="0 means greedy decoding")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, description="0 disables top-k")
+    max_new_tokens: int = Field(256, ge=1)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    chat_template: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass(frozen=True)
+class Response:
+    text: str
+    tokens: int  # generated tokens before the first end-of-sequence token
+
+
+def load_tokenizer(search, *, side: Literal["left", "right"] = "left"):
+    """θ_T's tokenizer, with the config's ``chat_template:`` applied as mergekit applies it."""
+    from mergekit.merge import _set_chat_template  # mergekit <0.2; same template as the merge
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(search.final.local_path())
+    try:
+        _set_chat_template(tokenizer, search.merge_config)
+    except Exception as error:  # noqa: BLE001 - a template problem must not stop the search
+        LOG.warning("expo search: could not apply chat_template from the config: %s", error)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = side
+    _warn_if_tokenizers_differ(search, tokenizer)
+    return tokenizer
+
+
+def uses_chat_template(tokenizer, mode: str) -> bool:
+    if mode == "off":
+        return False
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "on" and not has_template:
+        raise ValueError("--chat-template on, but the final model's tokenizer has no chat template")
+    return has_template
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids of the prompt as the model expects it (chat template with generation prompt)."""
+    if chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+class Sampler:
+    """Generates one response per prompt; prompts are tokenized once, batched by length."""
+
+    def __init__(self, model, tokenizer, prompts: list[str], settings: SamplingSettings):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        chat = uses_chat_template(tokenizer, settings.chat_template)
+        self.prompt_ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
+        # longest first: a too-long prompt fails in the first batch, and padding stays small
+        self.order = sorted(range(len(prompts)), key=lambda i: -len(self.prompt_ids[i]))
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    @torch.no_grad()
+    def generate(self, *, progress: bool = True, desc: str = "Generating") -> list[Response]:
+        settings = self.settings
+        torch.manual_seed(settings.seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(settings.seed)
+        results: list[Response | None] = [None] * len(self.prompt_ids)
+        batches = [
+            self.order[i : i + settings.batch_size]
+            for i in range(0, len(self.order), settings.batch_size)
+        ]
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            for index, response in zip(batch, self._generate_batch(batch), strict=True):
+                results[index] = response
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, batch: list[int]) -> list[Response]:
+        settings = self.settings
+        device = self.model.device
+        width = max(len(self.prompt_ids[i]) for i in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, index in enumerate(batch):
+            ids = self.prompt_ids[index]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+        sampling = (
+            {
+                "do_sample": True,
+                "temperature": settings.temperature,
+                "top_p": settings.top_p,
+                "top_k": settings.top_k,
+            }
+            if settings.temperature > 0
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        )
+        output = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=settings.max_new_tokens,
+            pad_token_id=pad,
+            **sampling,
+        )
+        responses = []
+        for row in output[:, width:].tolist():
+            end = next((k for k, token in enumerate(row) if token in self.eos_ids), len(row))
+            tokens = row[:end]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            responses.append(Response(text=text, tokens=len(tokens)))
+        return responses
+
+
+def _warn_if_tokenizers_differ(search, tokenizer) -> None:
+    """mergekit copies θ₀'s tokenizer into the merged model; the search uses θ_T's."""
+    from transformers import AutoTokenizer
+
+    try:
+        reference = AutoTokenizer.from_pretrained(search.reference.local_path())
+    except Exception:  # noqa: BLE001 - θ₀ without a tokenizer: nothing to compare
+        return
+    if reference.get_vocab() != tokenizer.get_vocab():
+        LOG.warning(
+            "expo search: the tokenizers of θ₀ (%s) and θ_T (%s) differ; the search generates "
+            "with θ_T's, while mergekit-yaml copies θ₀'s into the merged model unless "
+            "`tokenizer_source` says otherwise",
+            search.reference,
+            search.final,
+        )

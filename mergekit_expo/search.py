@@ -1,0 +1,366 @@
+"""Grid search over α (and λ) with α treated as a decoding hyperparameter.
+
+For each candidate the model's weights are set in place from θ₀, θ_T (and θ̄), answers to the
+held-out prompts are sampled and scored, and a row is appended to ``results.jsonl``. Inputs are
+read once and no model is written or reloaded; only the winner is merged for real, by mergekit,
+with ``write_best``. See docs/search.md.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from tqdm.auto import tqdm
+
+from mergekit_expo import __version__
+from mergekit_expo.generation import SamplingSettings
+from mergekit_expo.prompts import file_digest
+from mergekit_expo.results import ResultsFile, files_identity, settings_key
+from mergekit_expo.search_config import SearchConfig, SearchConfigError, best_config
+
+LOG = logging.getLogger("mergekit_expo")
+
+PAPER_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
+RESULTS_NAME = "results.jsonl"
+PLOT_NAME = "search.png"
+BEST_CONFIG_NAME = "best.yml"
+
+
+def _finite_list(values: list[float]) -> list[float]:
+    if not values:
+        raise ValueError("the grid is empty")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"grid values must be finite, got {bad}")
+    return list(dict.fromkeys(float(v) for v in values))  # unique, in the order given
+
+
+Grid = Annotated[list[float], AfterValidator(_finite_list)]
+
+
+class CallableScorerSpec(BaseModel):
+    kind: Literal["callable"] = "callable"
+    function: str = Field(description="module:function or path/to/file.py:function")
+
+
+class RewardModelSpec(BaseModel):
+    kind: Literal["reward_model"] = "reward_model"
+    path: str
+
+
+class DpoSpec(BaseModel):
+    kind: Literal["dpo"] = "dpo"
+    pairs: Path
+    beta: float = Field(0.1, gt=0)
+
+
+class SearchSettings(BaseModel):
+    """Everything one search run needs, validated before any model is touched."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: Path
+    out_dir: Path
+    alphas: Grid = list(PAPER_ALPHAS)
+    lambdas: Grid | None = None  # None: the config's scalar lambda, else 0
+    prompts: Path | None = None
+    scorer: CallableScorerSpec | RewardModelSpec | DpoSpec = Field(discriminator="kind")
+    sampling: SamplingSettings = SamplingSettings()
+    device: str = "cpu"
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts/pairs")
+    write_best: Path | None = None
+    save_responses: bool = False
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _needs_prompts(self) -> SearchSettings:
+        if self.scorer.kind != "dpo" and self.prompts is None:
+            raise ValueError("a reward-model or callable scorer needs held-out prompts (--prompts)")
+        return self
+
+
+@dataclass
+class SearchReport:
+    rows: list[dict[str, Any]]  # one per grid candidate, in grid order
+    winner: dict[str, Any] | None
+    results: Path
+    plot: Path | None
+    best_config: Path | None
+    merged: Path | None = None
+    skipped: int = 0  # candidates found finished in the results file
+    notes: list[str] = field(default_factory=list)
+
+
+def run_search(settings: SearchSettings) -> SearchReport:
+    """Score every (α, λ) of the grid, resuming from the results file; merge the winner if asked."""
+    from mergekit_expo.search_config import load_search_config
+
+    search = load_search_config(settings.config)
+    for note in search.notes:
+        LOG.warning("expo search: %s", note)
+    lambdas = settings.lambdas
+    if lambdas is None:
+        lambdas = [search.config_lambda or 0.0]
+    grid = [(alpha, lam) for lam in lambdas for alpha in settings.alphas]
+    _check_grid(search, lambdas)
+
+    if settings.scorer.kind == "dpo" and settings.prompts is not None:
+        LOG.warning("expo search: --prompts is not used by the DPO scorer (--pairs)")
+    data = _read_data(settings)
+    scorer = _make_scorer(settings, data)
+    out_dir = settings.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key_settings = _key_settings(settings, search, scorer)
+    results = ResultsFile(out_dir / RESULTS_NAME, settings_key(key_settings))
+    pending = [c for c in grid if results.finished(*c) is None]
+    skipped = len(grid) - len(pending)
+    if skipped:
+        LOG.info("expo search: %d of %d candidates already in %s", skipped, len(grid), results.path)
+    if results.other_rows:
+        LOG.info(
+            "expo search: %d rows in %s were made with other settings and are not reused",
+            results.other_rows, results.path,
+        )
+    if pending:
+        _score_candidates(settings, search, scorer, data, pending, results, key_settings)
+
+    rows = [results.finished(*c) for c in grid]
+    winner = pick_winner(rows)
+    score_label = _score_label(settings)
+    plot = _plot(rows, out_dir / PLOT_NAME, winner, score_label)
+    report = SearchReport(
+        rows=rows, winner=winner, results=results.path, plot=plot, best_config=None,
+        skipped=skipped, notes=search.notes,
+    )
+    if winner is not None:
+        best = best_config(search, winner["alpha"], winner["lambda"])
+        report.best_config = out_dir / BEST_CONFIG_NAME
+        report.best_config.write_text(yaml.safe_dump(best, sort_keys=False), encoding="utf-8")
+        if settings.write_best is not None:
+            scorer = None
+            gc.collect()
+            report.merged = write_best(report.best_config, settings.write_best, settings)
+    return report
+
+
+def parse_grid(values: tuple[str, ...] | list[str]) -> list[float] | None:
+    """``0.1,0.2,0.5`` and inclusive ranges ``start:stop:step`` (``0.1:0.5:0.1``); None if empty."""
+    grid: list[float] = []
+    for value in values:
+        for part in str(value).replace(" ", "").split(","):
+            if not part:
+                continue
+            if ":" in part:
+                grid += _range(part)
+            else:
+                try:
+                    grid.append(float(part))
+                except ValueError:
+                    raise ValueError(f"grid value {part!r} is not a number") from None
+    return grid or None
+
+
+def _range(text: str) -> list[float]:
+    try:
+        start, stop, step = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"grid range {text!r}: write start:stop:step, e.g. 0.1:0.5:0.1") from None
+    if not step > 0 or stop < start:
+        raise ValueError(f"grid range {text!r}: need step > 0 and stop >= start")
+    steps = (stop - start) / step
+    if abs(steps - round(steps)) > 1e-6:
+        raise ValueError(f"grid range {text!r}: (stop - start) is not a multiple of step")
+    return [round(start + i * step, 10) for i in range(round(steps) + 1)]
+
+
+def pick_winner(rows: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Highest mean score; ties go to the earlier candidate in grid order. Failures never win."""
+    best = None
+    for row in rows:
+        if row is None or row.get("mean") is None:
+            continue
+        if best is None or row["mean"] > best["mean"]:
+            best = row
+    return best
+
+
+def write_best(config_path: Path, out: Path, settings: SearchSettings) -> Path:
+    """Run the real mergekit merge on the winner's config, in this process."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    text = config_path.read_text(encoding="utf-8")
+    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    LOG.info("expo search: merging the winner (%s) into %s", config_path, out)
+    # on the CPU, as the search computed the candidate: the winner is then bit for bit the same
+    options = MergeOptions(copy_tokenizer=True, quiet=not settings.progress)
+    run_merge(config, str(out), options=options, config_source=text)
+    return out
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+def _score_candidates(settings, search, scorer, data, pending, results, key_settings) -> None:
+    from mergekit_expo.candidates import CandidateOverflow, CandidateWeights
+    from mergekit_expo.generation import Sampler, load_tokenizer, uses_chat_template
+
+    need_mids = any(lam for _, lam in pending)
+    weights = CandidateWeights(
+        search, device=settings.device, need_intermediates=need_mids, progress=settings.progress
+    )
+    tokenizer = load_tokenizer(search, side="left")
+    sampler = None
+    if scorer.generates:
+        scorer.prepare()
+        sampler = Sampler(weights.model, tokenizer, data, settings.sampling)
+    else:
+        chat = uses_chat_template(tokenizer, settings.sampling.chat_template)
+        scorer.prepare(weights, tokenizer, chat, progress=settings.progress)
+
+    bar = tqdm(pending, desc="Candidates", disable=not settings.progress)
+    for alpha, lam in bar:
+        bar.set_postfix_str(f"α={alpha:g} λ={lam:g}")
+        started = time.perf_counter()
+        row: dict[str, Any] = {"alpha": alpha, "lambda": lam}
+        try:
+            weights.apply(alpha, lam)
+        except CandidateOverflow as error:
+            row.update(mean=None, error=str(error))
+        else:
+            if sampler is not None:
+                responses = sampler.generate(progress=settings.progress)
+                texts = [r.text for r in responses]
+                scores = scorer.score(data, texts, progress=settings.progress)
+                lengths = [r.tokens for r in responses]
+                row.update(
+                    _summary(scores),
+                    mean_length_tokens=statistics.fmean(lengths),
+                    mean_length_chars=statistics.fmean(len(t) for t in texts),
+                    scores=scores.values,
+                    lengths=lengths,
+                )
+                if settings.save_responses:
+                    row["responses"] = texts
+            else:
+                scores = scorer.evaluate(weights.model, progress=settings.progress)
+                row.update(_summary(scores), mean_length_tokens=None, scores=scores.values)
+            row.update(scores.extras)
+        row["seconds"] = round(time.perf_counter() - started, 3)
+        row["mergekit_expo"] = __version__
+        row["settings"] = key_settings
+        results.append(row)
+        if settings.progress:
+            tqdm.write(describe(row))
+        else:
+            LOG.info("expo search: %s", describe(row))
+    bar.close()
+
+
+def describe(row: dict[str, Any]) -> str:
+    """One line per candidate for the console."""
+    head = f"α = {row['alpha']:g}, λ = {row['lambda']:g}: "
+    if row.get("mean") is None:
+        return head + f"failed ({row.get('error', 'no score')})"
+    text = head + f"score {row['mean']:.4g} ± {row['sem']:.2g} (sd {row['std']:.3g}, n {row['n']})"
+    if row.get("mean_length_tokens") is not None:
+        text += f", length {row['mean_length_tokens']:.1f} tokens"
+    if row.get("mean_margin") is not None:
+        text += f", margin {row['mean_margin']:.4g}"
+    return text + f", {row['seconds']:.1f} s"
+
+
+def _summary(scores) -> dict[str, Any]:
+    return {"mean": scores.mean, "std": scores.std, "sem": scores.sem, "n": len(scores.values)}
+
+
+# -- setup ---------------------------------------------------------------------------------
+
+
+def _check_grid(search: SearchConfig, lambdas: list[float]) -> None:
+    if any(lambdas) and not search.intermediates:
+        raise SearchConfigError(
+            f"the lambda grid {lambdas} has non-zero values, but {search.path} lists no "
+            f"intermediate checkpoint besides the final model {search.final}. List the "
+            "iterative-DPO checkpoints before the final one, or search lambda 0 only."
+        )
+    if search.intermediates and not any(lambdas):
+        LOG.warning(
+            "expo search: lambda is 0 for every candidate, so the intermediate checkpoints %s "
+            "are ignored (plain ExPO on %s); pass --lambda (e.g. 0,0.3) to use them",
+            [str(m) for m in search.intermediates], search.final,
+        )
+
+
+def _read_data(settings: SearchSettings):
+    from mergekit_expo.prompts import read_pairs, read_prompts
+
+    if settings.scorer.kind == "dpo":
+        data = read_pairs(settings.scorer.pairs)
+    else:
+        data = read_prompts(settings.prompts)
+    return data[: settings.limit] if settings.limit else data
+
+
+def _make_scorer(settings: SearchSettings, data):
+    from mergekit_expo import scorers
+
+    spec = settings.scorer
+    batch = settings.sampling.batch_size
+    if spec.kind == "callable":
+        return scorers.CallableScorer(spec.function)
+    if spec.kind == "reward_model":
+        return scorers.RewardModelScorer(spec.path, device=settings.device, batch_size=batch)
+    return scorers.DpoAccuracyScorer(data, spec.pairs, beta=spec.beta, batch_size=batch)
+
+
+def _key_settings(settings: SearchSettings, search: SearchConfig, scorer) -> dict[str, Any]:
+    """Everything but α and λ that decides a score: a change here means fresh rows."""
+    config = best_config(search, 0.0, 0.0)
+    config["parameters"].pop("alpha", None)
+    config["parameters"].pop("lambda", None)
+    models = [search.reference, search.final, *search.intermediates]
+    return {
+        "config": config,
+        "model_files": {str(m): files_identity(str(m.model.path)) for m in models},
+        "scorer": scorer.identity(),
+        "prompts_sha256": (
+            file_digest(settings.prompts) if settings.scorer.kind != "dpo" else None
+        ),
+        "limit": settings.limit,
+        "sampling": settings.sampling.model_dump(),
+        "device": settings.device,
+    }
+
+
+def _score_label(settings: SearchSettings) -> str:
+    spec = settings.scorer
+    if spec.kind == "dpo":
+        return f"DPO implicit-reward accuracy (β = {spec.beta:g})"
+    if spec.kind == "reward_model":
+        return f"reward ({Path(spec.path).name})"
+    module, _, function = spec.function.rpartition(":")
+    return f"score ({Path(module).name}:{function})"
+
+
+def _plot(rows, out: Path, winner, label: str) -> Path | None:
+    scored = [r for r in rows if r is not None]
+    if not scored:
+        return None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:  # pragma: no cover - matplotlib is an install requirement
+        LOG.warning("expo search: no plot (%s); pip install matplotlib", error)
+        return None
+    from mergekit_expo.search_plot import plot_search
+
+    return plot_search(scored, out, winner=winner, score_label=label)

@@ -1,0 +1,69 @@
+"""The search's PNG: score (± standard error) and response length against α, one line per λ.
+
+Length is plotted next to the score because extrapolation can amplify a length bias: a score
+that rises only together with the length is a warning sign (ExPO paper, §4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def plot_search(
+    rows: Sequence[dict[str, Any]],
+    out: str | Path,
+    *,
+    winner: dict[str, Any] | None,
+    score_label: str,
+) -> Path:
+    """Write the PNG and return its path. Rows without a score (failed candidates) are skipped."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    rows = [r for r in rows if r.get("mean") is not None]
+    second, second_label = _second_panel(rows)
+    figure = Figure(figsize=(7, 6.5), dpi=110)
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    for lam in sorted({r["lambda"] for r in rows}):
+        line = sorted((r for r in rows if r["lambda"] == lam), key=lambda r: r["alpha"])
+        alphas = [r["alpha"] for r in line]
+        label = f"λ = {lam:g}"
+        top.errorbar(
+            alphas, [r["mean"] for r in line], yerr=[r["sem"] for r in line],
+            marker="o", capsize=3, label=label,
+        )
+        if second:
+            bottom.plot(alphas, [r[second] for r in line], marker="o", label=label)
+    if winner is not None:
+        top.plot(
+            [winner["alpha"]], [winner["mean"]], marker="*", markersize=16, color="gold",
+            markeredgecolor="black", linestyle="none",
+            label=f"best: α = {winner['alpha']:g}, λ = {winner['lambda']:g}",
+        )
+    top.set_ylabel(f"{score_label}\n(mean ± s.e.)")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=8)
+    if second:
+        bottom.set_ylabel(second_label)
+    else:
+        bottom.text(0.5, 0.5, "no responses generated", ha="center", va="center",
+                    transform=bottom.transAxes)
+    bottom.set_xlabel("α (extrapolation)")
+    bottom.grid(alpha=0.3)
+    top.set_title("mergekit-expo search")
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    return out
+
+
+def _second_panel(rows) -> tuple[str | None, str]:
+    if rows and all(r.get("mean_length_tokens") is not None for r in rows):
+        return "mean_length_tokens", "mean response length\n(tokens)"
+    if rows and all(r.get("mean_margin") is not None for r in rows):
+        return "mean_margin", "mean implicit-reward margin\nβ·Δ (chosen − rejected)"
+    return None, ""
