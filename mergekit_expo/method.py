@@ -28,7 +28,7 @@ from mergekit.merge_methods.base import (
 
 from mergekit_expo import METHOD_NAME
 from mergekit_expo.checks import check_finite, warn_if_unrelated
-from mergekit_expo.extrapolation import extrapolate
+from mergekit_expo.extrapolation import extrapolate_checked
 from mergekit_expo.parameters import (
     DEFAULT_ALPHA,
     DEFAULT_LAMBDA,
@@ -41,7 +41,7 @@ from mergekit_expo.vocabulary import keep_rows_reference_lacks
 
 
 def expo_merge(group: TensorGroup, **parameters) -> torch.Tensor:
-    """θ = lerp(lerp(θ_T, θ̄, λ), θ₀, −α), computed in float32 and rounded once.
+    """θ = lerp(lerp(θ_T, θ̄, λ), θ₀, −α), computed in float64 and rounded once.
 
     ``parameters`` holds alpha, lambda (a Python keyword, hence no named argument), the
     per-model ``final`` flags and ``warn_relative_change``, resolved for this tensor.
@@ -54,15 +54,16 @@ def expo_merge(group: TensorGroup, **parameters) -> torch.Tensor:
     if not roles.final.tensor.is_floating_point():
         return roles.final.tensor
     warn_if_unrelated(roles, parameters["warn_relative_change"])
-    result = extrapolate(
+    result, finite = extrapolate_checked(
         roles.reference.tensor,
         roles.final.tensor,
         [entry.tensor for entry in roles.intermediates],
         alpha=alpha,
         lam=lam,
     )
-    keep_rows_reference_lacks(result, roles, group.metadata.vocabulary_axis)
-    check_finite(result, roles, alpha=alpha, lam=lam)
+    replaced = keep_rows_reference_lacks(result, roles, group.metadata.vocabulary_axis)
+    if not finite or replaced:  # the kernel's flag predates rows copied from θ_T
+        check_finite(result, roles, alpha=alpha, lam=lam)
     return result
 
 

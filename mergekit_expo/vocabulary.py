@@ -35,13 +35,14 @@ def record_rows_reference_lacks(
 
 def keep_rows_reference_lacks(
     result: torch.Tensor, roles: Roles, vocabulary_axis: int | None
-) -> None:
-    """Copy θ_T's rows into ``result`` wherever θ₀'s row was invented."""
+) -> bool:
+    """Copy θ_T's rows into ``result`` wherever θ₀'s row was invented; True if it did."""
     if vocabulary_axis is None:
-        return
+        return False
     entry = _lacking.get(id(roles.reference.tensor))
     if entry is None or entry[0]() is not roles.reference.tensor:
-        return
+        return False
     rows = entry[1].to(result.device)
     final_rows = roles.final.tensor.index_select(vocabulary_axis, rows)
     result.index_copy_(vocabulary_axis, rows, final_rows.to(result.dtype))
+    return True
