@@ -14,9 +14,14 @@ bf16 pairs (SFT weights N(0, 0.02²), deltas 2–4 % of them).
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from reference import formula64  # noqa: E402  (the float64 reference shared with the tests)
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 1.7, 2.5, 10.0, 25.0)
 LAMBDAS = (0.0, 0.2, 0.3)
@@ -31,14 +36,6 @@ def _pair(elements: int, seed: int, count: int = 1, step: float = 0.02):
         noise = torch.randn(rows, 2048, generator=generator) * 0.02 * step
         chain.append((chain[-1].float() + noise).to(torch.bfloat16))
     return chain
-
-
-def formula64(theta0, final, between, alpha, lam):
-    a, t = theta0.double(), final.double()
-    if not lam:
-        return t + alpha * (t - a)
-    mean = torch.stack([x.double() for x in between]).mean(0)
-    return -alpha * a + (1 + alpha) * lam * mean + (1 + alpha) * (1 - lam) * t
 
 
 def _float32_slices(theta0, final, alpha):
@@ -66,8 +63,9 @@ def candidates():
         "expo (float64 slices, reused scratch)": lambda t0, t1, a: extrapolate(t0, t1, alpha=a),
         "float32 slices": _float32_slices,
         "torch.lerp on bf16": lambda t0, t1, a: torch.lerp(t1, t0, -a),
-        "float64, whole tensor": lambda t0, t1, a: (t1.double() + a * (t1.double() - t0.double()))
-        .to(torch.bfloat16),
+        "float64, whole tensor": lambda t0, t1, a: (
+            t1.double() + a * (t1.double() - t0.double())
+        ).to(torch.bfloat16),
         "mergekit task_arithmetic (bf16)": lambda t0, t1, a: merge_tensors(
             [t0, t1], "task_arithmetic", base_index=0, parameters={"weight": 1 + a}
         ),
@@ -92,8 +90,10 @@ def main(elements: int, threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{torch.backends.cpu.get_cpu_capability()}"
+    )
     theta0, theta1 = _pair(elements, seed=0, step=0.035)
     n = theta1.numel()
     print(f"\nspeed on {n / 1e6:.0f} M elements (best of 5, ns per element):")
@@ -114,7 +114,7 @@ def main(elements: int, threads: int | None) -> None:
         for alpha in ALPHAS:
             theta0s, *rest = small
             final, between = rest[-1], rest[:-1]
-            expected = formula64(theta0s, final, between, alpha, lam).to(torch.bfloat16)
+            expected = formula64(theta0s, final, between, alpha=alpha, lam=lam).to(torch.bfloat16)
             cells = []
             for name in names:
                 if lam:

@@ -9,13 +9,15 @@ the papers write it, independently of the kernel:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from benchmarks.synthetic import CheckpointReader
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from reference import formula64  # noqa: E402  (the one float64 reference, shared with the tests)
 
 ROWS_ELEMENTS = 1 << 22  # compare in slices of about this many elements
 
@@ -39,20 +41,6 @@ class Agreement:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "share": self.share, "complete": self.complete}
-
-
-def formula64(
-    reference: torch.Tensor,
-    final: torch.Tensor,
-    intermediates: Sequence[torch.Tensor],
-    alpha: float,
-    lam: float,
-) -> torch.Tensor:
-    theta0, theta_t = reference.double(), final.double()
-    if not lam:
-        return theta_t + alpha * (theta_t - theta0)
-    mean = torch.stack([t.double() for t in intermediates]).mean(0)
-    return -alpha * theta0 + (1 + alpha) * lam * mean + (1 + alpha) * (1 - lam) * theta_t
 
 
 def check_output(
@@ -86,7 +74,7 @@ def check_output(
         flat = [t.reshape(-1) for t in (actual, theta0, theta_t, *between)]
         for start in range(0, flat[0].numel(), ROWS_ELEMENTS):
             part = [t[start : start + ROWS_ELEMENTS] for t in flat]
-            expected = formula64(part[1], part[2], part[3:], alpha, lam)
+            expected = formula64(part[1], part[2], part[3:], alpha=alpha, lam=lam)
             rounded = expected.to(actual.dtype)
             wrong = part[0] != rounded
             result.elements += part[0].numel()
