@@ -48,16 +48,13 @@ def main() -> None:
                    "busy (e.g. 0.2 on a shared machine). Recorded per run either way.")
 @click.option("--quiet-timeout", type=float, default=900.0, show_default=True,
               help="Longest wait for --wait-quiet, in seconds per run.")
-@click.option("--proposed/--no-proposed", default=None,
-              help="Rows with the method.py change proposed in benchmarks/scripts/"
-                   "expo_proposed.py [default: only while method.py lacks it].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="PNG path (default: in the session's results directory).")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the text report to this file.")
 def run(sizes, quick, cache_dir, results_dir, alpha, lam, iterates, shard_size, repeats, flags,
         low_memory_flags, only, flag_sweep, no_extras, keep_outputs, wait_quiet, quiet_timeout,
-        proposed, plot_path, markdown):
+        plot_path, markdown):
     """Build checkpoints, run every contender as its own process, check, tabulate and plot."""
     from benchmarks.report import plot, targets, text_report
     from benchmarks.run import Settings, run_session
@@ -81,7 +78,6 @@ def run(sizes, quick, cache_dir, results_dir, alpha, lam, iterates, shard_size, 
         keep_outputs=keep_outputs,
         quiet_limit=wait_quiet,
         quiet_timeout=quiet_timeout,
-        proposed=proposed,
     )
     session = run_session(settings)
     report = text_report(session)
@@ -119,12 +115,12 @@ def report(results, plot_path):
 @click.option("--alpha", type=float, default=0.3, show_default=True)
 @click.option("--wait-quiet", type=float, default=None)
 @click.option("--flag", "flags", multiple=True)
-def profile(params, cache_dir, results_dir, repeats, alpha, wait_quiet, flags):
+def breakdown(params, cache_dir, results_dir, repeats, alpha, wait_quiet, flags):
     """Where the wall time of expo and task_arithmetic goes, phase by phase."""
-    from benchmarks.profile import main as profile_main
+    from benchmarks.breakdown import main as breakdown_main
     from benchmarks.synthetic import parse_count
 
-    click.echo(profile_main(parse_count(params), cache_dir.resolve(), results_dir.resolve(),
+    click.echo(breakdown_main(parse_count(params), cache_dir.resolve(), results_dir.resolve(),
                             repeats, alpha, wait_quiet, tuple(flags)))
 
 

@@ -88,7 +88,6 @@ def build_rows(
     include: set[str] | None = None,
     flag_sweep: bool = False,
     extras: bool = True,
-    proposed: bool = False,
 ) -> list[Row]:
     """All rows for one model size; configs are written under ``work / "configs"``."""
     configs = work / "configs"
@@ -97,7 +96,6 @@ def build_rows(
     sft, final = str(models.sft.resolve()), str(models.final.resolve())
     between = [str(p.resolve()) for p in models.iterates[:-1]]
     python, yaml_tool, multi_tool = sys.executable, tool("mergekit-yaml"), tool("mergekit-multi")
-    proposed_tool = [python, str(SCRIPTS / "expo_proposed.py")]
 
     expo = {
         "merge_method": "expo",
@@ -120,13 +118,13 @@ def build_rows(
     }
     expo_check = {"reference": models.sft, "final": models.final, "alpha": alpha, "lam": 0.0}
 
-    def merge(key, label, config, extra=(), notes="", runner=(yaml_tool,)):
+    def merge(key, label, config, extra=(), notes=""):
         all_flags = (*flags, *extra)
         return Row(
             key,
             label,
             "expo",
-            [*runner, str(configs / config), str(out / key), *all_flags],
+            [yaml_tool, str(configs / config), str(out / key), *all_flags],
             out / key,
             expo_check,
             all_flags,
@@ -158,15 +156,6 @@ def build_rows(
         merge("expo_lowmem", f"expo {' '.join(low_memory_flags)}", "expo.yml",
               low_memory_flags, "recommended low-memory flags"),
     ]
-    if proposed:
-        rows += [
-            merge("expo_proposed", "expo + proposed method.py change", "expo.yml",
-                  notes="see benchmarks/scripts/expo_proposed.py", runner=proposed_tool),
-            merge("expo_proposed_lowmem",
-                  f"expo + proposed change {' '.join(low_memory_flags)}", "expo.yml",
-                  low_memory_flags, "see benchmarks/scripts/expo_proposed.py",
-                  runner=proposed_tool),
-        ]
     if extras:
         rows += [
             merge("ta_lowmem", f"task_arithmetic {' '.join(low_memory_flags)}",
@@ -225,22 +214,6 @@ def build_rows(
                 out / "lam_onepass",
                 lam_check,
                 flags,
-            ),
-            *(
-                [
-                    Row(
-                        "lam_proposed",
-                        "(λ, α) in one pass, expo + proposed method.py change",
-                        "lambda",
-                        [*proposed_tool, str(configs / "lambda_onepass.yml"),
-                         str(out / "lam_proposed"), *flags],
-                        out / "lam_proposed",
-                        lam_check,
-                        flags,
-                    )
-                ]
-                if proposed
-                else []
             ),
             Row(
                 "lam_twostep",

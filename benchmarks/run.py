@@ -21,8 +21,7 @@ from benchmarks.verify import check_output
 
 # Rows run at every additional size (requirement: memory does not grow with model size).
 SCALING_ROWS = {
-    "floor", "expo", "task_arithmetic", "inram", "expo_lowmem", "ta_lowmem", "expo_proposed",
-    "expo_proposed_lowmem",
+    "floor", "expo", "task_arithmetic", "inram", "expo_lowmem", "ta_lowmem",
 }
 
 
@@ -47,7 +46,6 @@ class Settings:
     interval: float = 0.02
     quiet_limit: float | None = None  # wait until other processes use fewer cores than this
     quiet_timeout: float = 900.0
-    proposed: bool | None = None  # rows with the proposed method.py change (None: if it differs)
     shapes: list[Shape] = field(default_factory=list)
 
     def shape(self, params: float) -> Shape:
@@ -201,10 +199,7 @@ def run_size(params: float, settings: Settings, main: bool, stamp: str) -> dict:
         include=include,
         flag_sweep=settings.flag_sweep and main,
         extras=settings.extras and main and not settings.quick,
-        proposed=_proposed(settings) and main,
     )
-    if settings.quick:  # the proposed-change script once is enough to keep it working
-        rows = [row for row in rows if row.key not in {"expo_proposed_lowmem", "lam_proposed"}]
     records: dict[str, list[dict]] = {row.key: [] for row in rows}
     steps = [(repeat, row) for repeat in range(settings.repeats) for row in rows]
     for repeat, row in tqdm(steps, desc=f"benchmark {tag}", unit="run", file=sys.stderr):
@@ -233,16 +228,6 @@ def run_size(params: float, settings: Settings, main: bool, stamp: str) -> dict:
     }
 
 
-def _proposed(settings: Settings) -> bool:
-    """Run the proposed-change rows unless method.py already takes the kernel's finite flag."""
-    if settings.proposed is not None:
-        return settings.proposed
-    import mergekit_expo
-
-    method = Path(mergekit_expo.__file__).with_name("method.py").read_text()
-    return "extrapolate_checked" not in method
-
-
 def source_state() -> dict:
     """Which code was measured: git HEAD, and a hash of the package and benchmark sources."""
     import hashlib
@@ -250,7 +235,7 @@ def source_state() -> dict:
 
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted([*root.glob("mergekit_expo/*.py"), *root.glob("benchmarks/**/*.py")]):
+    for path in sorted([*root.glob("mergekit_expo/**/*.py"), *root.glob("benchmarks/**/*.py")]):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,

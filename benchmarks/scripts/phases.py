@@ -1,6 +1,6 @@
 """``mergekit-yaml`` with timers: where the wall time of one merge goes.
 
-Usage: ``python phases.py [--proposed] CONFIG OUT [mergekit-yaml options]``. Prints one JSON line
+Usage: ``python phases.py CONFIG OUT [mergekit-yaml options]``. Prints one JSON line
 (prefixed ``PHASES``) at exit with seconds since the process was created:
 
 - ``interpreter``: Python is up (site, the mergekit-expo start-up hook);
@@ -64,13 +64,6 @@ def _report() -> None:
 
 
 def main() -> None:
-    proposed = "--proposed" in sys.argv
-    if proposed:
-        sys.argv.remove("--proposed")
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import expo_proposed
-
-        expo_proposed.install()
     from mergekit.scripts import run_yaml
 
     marks["imports"] = time.time() - CREATED

@@ -1,4 +1,4 @@
-"""Where the wall time of ``expo`` and ``task_arithmetic`` goes (``python -m benchmarks profile``).
+"""Where the wall time of ``expo`` and ``task_arithmetic`` goes: ``python -m benchmarks breakdown``.
 
 Runs ``scripts/phases.py`` (``mergekit-yaml`` with timers) for each method on the cached
 checkpoints, interleaved and repeated, from a warm page cache, and prints the median phases.
@@ -19,7 +19,6 @@ from benchmarks.synthetic import build_family, shape_for
 
 VARIANTS = {
     "expo": ("expo.yml", []),
-    "expo + proposed change": ("expo.yml", ["--proposed"]),
     "task_arithmetic": ("task_arithmetic.yml", []),
 }
 
@@ -36,7 +35,7 @@ def main(params: float, cache: Path, results: Path, repeats: int, alpha: float,
     shape = shape_for(params)
     paths = build_family(cache, shape, count=1, shard_bytes=1_000_000_000)
     models = Models(sft=paths[0], iterates=paths[1:])
-    work = results / "profile"
+    work = results / "breakdown"
     build_rows(models, work, alpha=alpha, lam=0.0, include=set())  # writes the configs
     rows: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for repeat in range(repeats):
@@ -79,5 +78,5 @@ def main(params: float, cache: Path, results: Path, repeats: int, alpha: float,
         cells = [f"{statistics.median(r[key] for r in rows[name]):.2f}" for name in VARIANTS]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
-    (work / "profile.json").write_text(json.dumps(rows, indent=1))
+    (work / "breakdown.json").write_text(json.dumps(rows, indent=1))
     return text
