@@ -1,7 +1,7 @@
 """Per-tensor kernels: speed, and agreement with the float64 formula over the α and λ grid.
 
 Candidates, all producing bf16 from bf16 inputs:
-- ``expo``: ``mergekit_expo.extrapolation.extrapolate`` (float64 slices, reused scratch);
+- ``expo``: ``mergekit_expo.merge.formula.extrapolate`` (float64 slices, reused scratch);
 - ``expo, float32 slices``: the same loop with float32 scratch;
 - ``torch.lerp bf16``: ``torch.lerp(θ₁, θ₀, −α)`` (float32 inside, one rounding; fastest);
 - ``float64, whole tensor``: ``(θ₁ + α(θ₁ − θ₀))`` on freshly allocated float64 tensors;
@@ -39,7 +39,7 @@ def _pair(elements: int, seed: int, count: int = 1, step: float = 0.02):
 
 
 def _float32_slices(theta0, final, alpha):
-    from mergekit_expo import extrapolation
+    from mergekit_expo.merge import formula as extrapolation
 
     out = torch.empty_like(final)
     a = torch.empty(extrapolation.CHUNK_ELEMENTS, dtype=torch.float32)
@@ -57,7 +57,7 @@ def _float32_slices(theta0, final, alpha):
 def candidates():
     from mergekit.merge_methods import merge_tensors
 
-    from mergekit_expo.extrapolation import extrapolate
+    from mergekit_expo.merge.formula import extrapolate
 
     return {
         "expo (float64 slices, reused scratch)": lambda t0, t1, a: extrapolate(t0, t1, alpha=a),
@@ -86,7 +86,7 @@ def _time(fn, repeats: int = 5) -> float:
 
 
 def main(elements: int, threads: int | None) -> None:
-    from mergekit_expo.extrapolation import extrapolate
+    from mergekit_expo.merge.formula import extrapolate
 
     if threads:
         torch.set_num_threads(threads)

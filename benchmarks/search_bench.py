@@ -47,7 +47,7 @@ PROMPT_STEMS = [
 
 def build_inputs(work: Path, hidden: int, layers: int, prompts: int) -> dict[str, Path]:
     """θ₀, θ₁, a reward model and a prompts file under ``work`` (reused if present)."""
-    from mergekit_expo.tiny import build_model, build_tokenizer, derive
+    from mergekit_expo.demo.checkpoints import build_model, build_tokenizer, derive
 
     paths = {
         "sft": work / "models" / "sft",
@@ -72,7 +72,7 @@ def build_inputs(work: Path, hidden: int, layers: int, prompts: int) -> dict[str
 
 def build_reward_model(path: Path, tokenizer) -> Path:
     """A tiny float32 Llama sequence classifier with one output (a reward)."""
-    from mergekit_expo.tiny import build_reward_model as build
+    from mergekit_expo.demo.checkpoints import build_reward_model as build
 
     return build(path, tokenizer, hidden=64, layers=2)
 
@@ -125,9 +125,10 @@ def time_by_hand(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_expo.generation import Sampler, SamplingSettings
-    from mergekit_expo.prompts import read_prompts
-    from mergekit_expo.scorers import RewardModelScorer
+    from mergekit_expo.search.generation import Sampler
+    from mergekit_expo.search.prompts import read_prompts
+    from mergekit_expo.search.scorers import RewardModelScorer
+    from mergekit_expo.search.settings import SamplingSettings
 
     prompts = read_prompts(paths["prompts"])
     settings = SamplingSettings(**sampling)

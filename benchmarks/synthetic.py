@@ -191,7 +191,7 @@ def _write_checkpoint(
 
 
 def _write_tokenizer(out: Path) -> None:
-    from mergekit_expo.tiny import build_tokenizer
+    from mergekit_expo.demo.checkpoints import build_tokenizer
 
     build_tokenizer().save_pretrained(str(out))
 

@@ -1,14 +1,18 @@
 """Model extrapolation (ExPO) and the iterative-DPO (λ, α) merge for mergekit.
 
+The merge method lives in ``mergekit_expo.merge``, the α/λ search in ``mergekit_expo.search``,
+the demo and its tiny checkpoints in ``mergekit_expo.demo``; here are only the public API, the
+command line (``cli``) and the start-up hook (``_startup``). See docs/layout.md.
+
 Importing this package is cheap on purpose: it runs at every interpreter start-up (through
 ``mergekit_expo.pth``), so torch and mergekit are imported only when mergekit itself is.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from mergekit_expo.merge import METHOD_NAME
 
-METHOD_NAME = "expo"
+__version__ = "0.1.0"
 
 
 def register() -> None:
@@ -17,9 +21,13 @@ def register() -> None:
     Needed only where the automatic hook is off (``MERGEKIT_EXPO_DISABLE=1``, ``python -S``) or
     mergekit was imported before this package was installed.
     """
-    from mergekit_expo.registration import register as _register
+    import importlib
 
-    _register()
+    from mergekit_expo._startup import AFTER_IMPORT
+    from mergekit_expo.merge import hooks
+
+    for module_name, hook in AFTER_IMPORT.items():
+        hooks.apply(hook, importlib.import_module(module_name))
 
 
 __all__ = ["METHOD_NAME", "__version__", "register"]

@@ -2,7 +2,7 @@
 
 ``mergekit_expo.pth`` imports this module at interpreter start-up. mergekit 0.1.5 has no plugin
 entry points, so a ``sys.meta_path`` finder waits for the mergekit modules we extend and calls
-``mergekit_expo.registration`` right after each has executed. Nothing heavy is imported here.
+``mergekit_expo.merge.hooks`` right after each has executed. Nothing heavy is imported here.
 Set ``MERGEKIT_EXPO_DISABLE=1`` to opt out; ``mergekit_expo.register()`` still works.
 """
 
@@ -15,9 +15,10 @@ from types import ModuleType
 
 OPT_OUT_ENV = "MERGEKIT_EXPO_DISABLE"
 
-# mergekit module -> function in mergekit_expo.registration to run once it has executed
+# module -> function in mergekit_expo.merge.hooks to run once it has executed
 AFTER_IMPORT = {
     "mergekit.merge_methods": "after_merge_methods",
+    "mergekit_expo.merge.method": "after_method",
     "mergekit.card": "after_card",
     "mergekit.tokenizer.embed": "after_embed",
     "mergekit.io.tasks": "after_io_tasks",
@@ -36,9 +37,9 @@ class _HookedLoader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        from mergekit_expo import registration
+        from mergekit_expo.merge import hooks
 
-        registration.run_hook(self._hook, module)
+        hooks.run_hook(self._hook, module)
 
     def __getattr__(self, name: str):
         return getattr(self._loader, name)
@@ -65,6 +66,7 @@ class AfterImportFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
+# The finder on sys.meta_path is process-wide by nature: it must see every import of the process.
 def install() -> bool:
     """Put the finder first on ``sys.meta_path`` unless opted out or already there."""
     if os.environ.get(OPT_OUT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:

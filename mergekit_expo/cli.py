@@ -18,7 +18,7 @@ def main() -> None:
 @click.option("--alpha", type=float, default=0.3, show_default=True, help="Extrapolation α.")
 def demo(out: Path, alpha: float) -> None:
     """Build tiny SFT/aligned checkpoints in OUT, extrapolate them with mergekit-yaml."""
-    from mergekit_expo.demo import run_demo
+    from mergekit_expo.demo.run import run_demo
 
     report = run_demo(out, alpha=alpha)
     merged = out.resolve() / "merged"
@@ -110,11 +110,12 @@ def search(config: Path, out_dir: Path, **options) -> None:
 
     from pydantic import ValidationError
 
-    from mergekit_expo.checks import NonFiniteError
-    from mergekit_expo.prompts import JsonlError
-    from mergekit_expo.scorers import ScorerError
-    from mergekit_expo.search import SearchSettings, describe, parse_grid, run_search
-    from mergekit_expo.search_config import SearchConfigError
+    from mergekit_expo.merge.guards import NonFiniteError
+    from mergekit_expo.search.merge_config import SearchConfigError
+    from mergekit_expo.search.prompts import JsonlError
+    from mergekit_expo.search.run import describe, run_search
+    from mergekit_expo.search.scorers import ScorerError
+    from mergekit_expo.search.settings import SearchSettings, parse_grid
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mergekit_expo").setLevel(logging.INFO)

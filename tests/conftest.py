@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from mergekit_expo.tiny import build_model, build_tokenizer, derive  # noqa: E402
+from mergekit_expo.demo.checkpoints import build_model, build_tokenizer, derive  # noqa: E402
 
 
 class Zoo:

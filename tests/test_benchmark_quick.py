@@ -1,4 +1,4 @@
-"""The performance benchmark (benchmarks/, issue 3) on tiny checkpoints, so that it cannot rot.
+"""The performance benchmark (benchmarks/) on tiny checkpoints, so that it cannot rot.
 
 ``python -m benchmarks run --quick`` builds ~1 M-parameter Llama checkpoints, runs every row as its
 own process exactly as the full benchmark does, checks every output against the float64 formula
@@ -112,3 +112,19 @@ def test_quick_benchmark_prints_the_table_targets_and_plot(quick_session):
 def test_quick_benchmark_stays_quick(quick_session):
     *_, elapsed = quick_session
     assert elapsed < 240  # ~40 s on two idle cores; generous for loaded CI machines
+
+
+def test_report_command_reprints_the_table_and_redraws_the_plot(quick_session, tmp_path):
+    """``python -m benchmarks report RESULTS.json --plot out.png`` (benchmarks/README.md)."""
+    session, *_ = quick_session
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(session))
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "report", str(results), "--plot", "out.png"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for row in session["sizes"][0]["rows"]:
+        assert f"| {row['label']} |" in completed.stdout
+    assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

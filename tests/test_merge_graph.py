@@ -9,8 +9,8 @@ import torch
 from conftest import run_merge_in_process
 from reference import agreement, formula64, load
 
-from mergekit_expo.checks import NonFiniteError
-from mergekit_expo.roles import reset_announcements
+from mergekit_expo.merge.guards import NonFiniteError
+from mergekit_expo.merge.roles import reset_announcements
 
 
 def expo_config(base, *models, **parameters) -> dict:

@@ -9,7 +9,7 @@ import torch
 from mergekit.merge_methods import get, merge_state_dicts, merge_tensors
 from reference import agreement, formula64
 
-from mergekit_expo.checks import NonFiniteError
+from mergekit_expo.merge.guards import NonFiniteError
 
 
 def pair(dtype=torch.bfloat16, n=(512, 512), scale=0.02, seed=0):
@@ -195,7 +195,7 @@ def test_related_models_do_not_warn(caplog):
 
 def test_kernel_is_device_agnostic_meta_tensors():
     """No hidden CPU tensors: the kernel runs on the inputs' device (meta stands in for CUDA)."""
-    from mergekit_expo.extrapolation import extrapolate
+    from mergekit_expo.merge.formula import extrapolate
 
     theta0 = torch.empty(64, 64, device="meta", dtype=torch.bfloat16)
     out = extrapolate(theta0, theta0, alpha=0.3)

@@ -39,8 +39,8 @@ def test_start_up_imports_neither_torch_nor_mergekit():
         "mergekit.merge",
         "mergekit.merge_methods",
         "mergekit.card",
-        "mergekit_expo.method",
-        "mergekit_expo.roles",
+        "mergekit_expo.merge.method",
+        "mergekit_expo.merge.roles",
         "mergekit.scripts.multimerge",
     ],
 )

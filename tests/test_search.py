@@ -14,14 +14,15 @@ from click.testing import CliRunner
 from conftest import run_merge_in_process, write_config
 from reference import load
 
-from mergekit_expo.candidates import CandidateWeights
 from mergekit_expo.cli import main
-from mergekit_expo.generation import Sampler, SamplingSettings, load_tokenizer
-from mergekit_expo.prompts import JsonlError, read_pairs, read_prompts
-from mergekit_expo.results import ResultsFile
-from mergekit_expo.scorers import ScorerError
-from mergekit_expo.search import SearchSettings, parse_grid, pick_winner, run_search
-from mergekit_expo.search_config import SearchConfigError, load_search_config
+from mergekit_expo.search.candidates import CandidateWeights
+from mergekit_expo.search.generation import Sampler, load_tokenizer
+from mergekit_expo.search.merge_config import SearchConfigError, load_search_config
+from mergekit_expo.search.prompts import JsonlError, read_pairs, read_prompts
+from mergekit_expo.search.results import ResultsFile
+from mergekit_expo.search.run import pick_winner, run_search
+from mergekit_expo.search.scorers import ScorerError
+from mergekit_expo.search.settings import SamplingSettings, SearchSettings, parse_grid
 
 PROMPTS = [
     "The assistant answers the question",
@@ -285,7 +286,7 @@ def build_reward_model(path: Path, tokenizer_source: Path, num_labels: int = 1) 
     """A tiny local Llama sequence classifier (float32) with the zoo's tokenizer."""
     from transformers import AutoTokenizer
 
-    from mergekit_expo.tiny import build_reward_model as build
+    from mergekit_expo.demo.checkpoints import build_reward_model as build
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     return build(path, tokenizer, hidden=32, layers=1, num_labels=num_labels)
@@ -471,7 +472,7 @@ def test_damaged_input_is_named_not_blamed_on_alpha(family, tmp_path, prompts_fi
 
     from safetensors.torch import load_file, save_file
 
-    from mergekit_expo.checks import NonFiniteError
+    from mergekit_expo.merge.guards import NonFiniteError
 
     damaged = tmp_path / "damaged"
     shutil.copytree(family["final"], damaged)

@@ -3,8 +3,8 @@
     python examples/search/make_models.py OUT_DIR
 
 θ₀ (OUT_DIR/sft): a 2-layer Llama (hidden 64, bf16) trained from scratch on the sentences of
-``mergekit_expo.tiny.CORPUS``. θ₁ (OUT_DIR/aligned): θ₀ fine-tuned a little further on the
-"helpful" sentences only, a stand-in for preference training. Extrapolating θ₁ away from θ₀
+``mergekit_expo.demo.checkpoints.CORPUS``. θ₁ (OUT_DIR/aligned): θ₀ fine-tuned a little further
+on the "helpful" sentences only, a stand-in for preference training. Extrapolating θ₁ away from θ₀
 makes the model say more "helpful" words; too far and it stops producing sentences at all, so
 the example scorer (``scorers.py:helpful_and_fluent``) has an optimum inside the α grid.
 Everything is local and seeded; it takes well under a minute on 2 CPU cores.
@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from mergekit_expo.tiny import CORPUS, build_model, build_tokenizer  # noqa: E402
+from mergekit_expo.demo.checkpoints import CORPUS, build_model, build_tokenizer  # noqa: E402
 
 SENTENCES = sorted(set(CORPUS))
 HELPFUL = [s for s in SENTENCES if "help" in s.lower() or "Assistant" in s]

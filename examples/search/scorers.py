@@ -2,12 +2,12 @@
 
 A scorer is any function (prompt, response) -> float; higher is better. These stand in for a
 reward model in the worked example of docs/search.md, whose tiny models only know the sentences
-of ``mergekit_expo.tiny.CORPUS``.
+of ``mergekit_expo.demo.checkpoints.CORPUS``.
 """
 
 from __future__ import annotations
 
-from mergekit_expo.tiny import CORPUS
+from mergekit_expo.demo.checkpoints import CORPUS
 
 PUNCTUATION = ".,!?:;()'\""
 KNOWN_WORDS = {w.strip(PUNCTUATION).lower() for s in CORPUS for w in s.split()} - {""}

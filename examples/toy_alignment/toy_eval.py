@@ -244,7 +244,7 @@ def implicit_rewards(
     """Mean β·log π_α/π_ref per α on (a) the completions sampled from π_α by the search and
     (b) one fixed set of completions (those sampled at α = 0), π_α built with the merge kernel.
     """
-    from mergekit_expo.extrapolation import extrapolate
+    from mergekit_expo.merge.formula import extrapolate
 
     model, tokenizer = toy_train.load(final_dir)
     reference_state = state(reference_dir)
@@ -326,7 +326,7 @@ def max_weight_difference(merged_dir: Path, expected: dict[str, torch.Tensor]) -
 
 def evaluate(out: Path, train: dict, settings: toy_train.Settings, ev: EvalSettings) -> dict:
     """Search, merge and score everything; return the results (also written as JSON)."""
-    from mergekit_expo.extrapolation import extrapolate
+    from mergekit_expo.merge.formula import extrapolate
 
     started = time.perf_counter()
     eval_dir = out / "eval"

@@ -1,21 +1,33 @@
-"""Guards around the formula: refuse non-finite tensors, warn on unrelated checkpoints."""
+"""Guards around the formula: what the kernel refuses, warns about, or must not extrapolate.
+
+- Non-finite inputs or results (inf/NaN, an overflow of the output dtype) are refused, naming
+  the tensor and the culprit.
+- A checkpoint that moved too far from θ₀ to be its aligned descendant gets a warning: ExPO
+  between unrelated models collapses the model.
+- Vocabulary rows θ₀ lacks keep θ_T's own row. With ``tokenizer: {source: union}``, mergekit
+  invents θ₀'s row for a token θ₀ does not have (a copy of the one model that has it, or the
+  mean of several); extrapolating θ_T against an invented row is meaningless. mergekit does not
+  tell a merge method which rows were invented, so ``hooks`` wraps its ``PermutedVocabulary``
+  task to record them here, keyed by the reference's aligned tensor.
+"""
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
-    from mergekit_expo.roles import Roles
+    from mergekit_expo.merge.roles import Roles
 
 LOG = logging.getLogger("mergekit_expo")
 
 # Elements sampled per weight matrix (whole, evenly spaced rows) for the relatedness figure:
 # enough to tell a DPO-sized move (~1e-3..5e-2) from an unrelated model (~1.4) at a cost that
-# does not grow with the matrix (256 rows were ~10 % of all weights, read for every tensor).
+# does not grow with the matrix.
 SAMPLE_ELEMENTS = 1 << 16
 
 
@@ -52,6 +64,9 @@ def overflow_message(
     )
 
 
+# (reference, model) pairs already warned about. Process-wide because mergekit calls the kernel
+# once per tensor and hands it no per-merge object: without it the warning would repeat for every
+# tensor of the model.
 _warned: set[Hashable] = set()
 
 
@@ -90,3 +105,36 @@ def warn_if_unrelated(roles: Roles, threshold: float) -> None:
                 roles.tensor_name,
                 threshold,
             )
+
+
+# id(reference tensor) -> (weak reference to it, row ids); entries vanish with the tensor.
+# Process-wide because it is the only channel from mergekit's tokenizer task, which invents the
+# rows, to the kernel, which runs later as another task. (A WeakKeyDictionary would compare
+# tensors with ==, which is elementwise.)
+_lacking: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def record_rows_reference_lacks(
+    reference_tensor: torch.Tensor, permutation: dict[int, int], vocab_ids: list[int]
+) -> None:
+    """Remember the output-vocabulary ids whose reference row was invented by mergekit."""
+    rows = [token_id for token_id in vocab_ids if permutation.get(token_id, -1) < 0]
+    if rows:
+        key = id(reference_tensor)
+        _lacking[key] = (weakref.ref(reference_tensor), torch.tensor(sorted(rows)))
+        weakref.finalize(reference_tensor, _lacking.pop, key, None)
+
+
+def keep_rows_reference_lacks(
+    result: torch.Tensor, roles: Roles, vocabulary_axis: int | None
+) -> bool:
+    """Copy θ_T's rows into ``result`` wherever θ₀'s row was invented; True if it did."""
+    if vocabulary_axis is None:
+        return False
+    entry = _lacking.get(id(roles.reference.tensor))
+    if entry is None or entry[0]() is not roles.reference.tensor:
+        return False
+    rows = entry[1].to(result.device)
+    final_rows = roles.final.tensor.index_select(vocabulary_axis, rows)
+    result.index_copy_(vocabulary_axis, rows, final_rows.to(result.dtype))
+    return True

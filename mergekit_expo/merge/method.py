@@ -12,8 +12,6 @@ mergekit, so filters and layer gradients apply.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from mergekit.merge_methods.base import (
     BasePolicy,
@@ -26,18 +24,16 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_expo import METHOD_NAME
-from mergekit_expo.checks import check_finite, warn_if_unrelated
-from mergekit_expo.extrapolation import extrapolate_checked
-from mergekit_expo.parameters import (
+from mergekit_expo.merge import METHOD_NAME
+from mergekit_expo.merge.formula import extrapolate_checked
+from mergekit_expo.merge.guards import check_finite, keep_rows_reference_lacks, warn_if_unrelated
+from mergekit_expo.merge.parameters import (
     DEFAULT_ALPHA,
     DEFAULT_LAMBDA,
     DEFAULT_WARN_RELATIVE_CHANGE,
     number,
 )
-from mergekit_expo.registration import after_merge_methods
-from mergekit_expo.roles import announce, require_reference, tensor_roles
-from mergekit_expo.vocabulary import keep_rows_reference_lacks
+from mergekit_expo.merge.roles import announce, require_reference, tensor_roles
 
 
 def expo_merge(group: TensorGroup, **parameters) -> torch.Tensor:
@@ -95,7 +91,3 @@ expo_method = ExpoMergeMethod(
     ),
     expo_merge,
 )
-
-# When this module is imported before mergekit, its own import of mergekit ran the hook while
-# expo_method did not exist yet; register now (idempotent otherwise).
-after_merge_methods(importlib.import_module("mergekit.merge_methods"))

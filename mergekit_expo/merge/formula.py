@@ -10,21 +10,18 @@ Both are evaluated in delta form around a checkpoint, never as a sum of large pr
     θ = lerp(m, θ₀, −α)  = m + α(m − θ₀)
 
 in float64 and rounded once to the output dtype. float32 is not enough: α = 1.7 is not a float32
-number, and its rounding alone flips 0.04 % (ExPO) to 0.45 % (λ = 0.2) of bf16 results whose
-exact value is a rounding tie (bf16 deltas are short dyadic numbers, so ties are common); float64
-lands on the tie and rounds it as the exact formula does.
+number, and its rounding alone flips results whose exact value is a bf16 rounding tie (bf16
+deltas are short dyadic numbers, so ties are common); float64 lands on the tie and rounds it as
+the exact formula does.
 
-Speed: one pass over the inputs in slices of ``CHUNK_ELEMENTS`` through float64 scratch buffers
-that each thread allocates once and reuses (no per-call allocation, no page faulting). Large CPU
-tensors are split between ``torch.get_num_threads()`` worker threads whose own torch thread
-count is 1: every op then runs on its worker without an OpenMP region (torch releases the GIL
-inside each op), so the threads never wait for each other inside a tensor. With OpenMP across
-both cores instead, the thousands of short parallel regions per tensor made the kernel 6–12×
-slower whenever another torch process competed for the two cores of the benchmark machine
-(OpenMP threads spin at every barrier). Only same-dtype vectorised kernels are used
-(mixed-dtype arithmetic takes torch's slow scalar path). ``benchmarks/kernel.py`` measures this
-kernel against float32 and ``torch.lerp`` on bf16. ``extrapolate_checked`` also reports, from
-the same pass, whether the result is finite."""
+Speed: one pass over the inputs in cache-sized slices through float64 scratch buffers that each
+thread allocates once and reuses. Large CPU tensors are split between worker threads whose own
+torch thread count is 1, so every op runs on its worker without an OpenMP region (torch releases
+the GIL inside each op): thousands of short OpenMP regions per tensor stall whenever another
+process competes for the cores. Only same-dtype vectorised kernels are used (mixed-dtype
+arithmetic takes torch's slow scalar path). ``extrapolate_checked`` also reports, from the same
+pass, whether the result is finite. ``python -m benchmarks kernel`` compares this kernel with
+float32 and ``torch.lerp``."""
 
 from __future__ import annotations
 
@@ -42,6 +39,8 @@ DEVICE_CHUNK_ELEMENTS = 1 << 24
 # CPU tensors with fewer elements than this are not split between threads.
 SPLIT_ELEMENTS = 1 << 20
 
+# Process-wide on purpose: scratch buffers are allocated once per thread and reused for every
+# tensor, and the worker threads are started once; per call they would cost more than the math.
 _scratch = threading.local()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -49,13 +48,8 @@ _pool_lock = threading.Lock()
 
 
 def extrapolate(
-    reference: torch.Tensor,
-    final: torch.Tensor,
-    intermediates: Sequence[torch.Tensor] = (),
-    *,
-    alpha: float,
-    lam: float = 0.0,
-    out: torch.Tensor | None = None,
+    reference: torch.Tensor, final: torch.Tensor, intermediates: Sequence[torch.Tensor] = (),
+    *, alpha: float, lam: float = 0.0, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return θ for one tensor; ``out`` (same shape, any float dtype) receives it in place.
 
@@ -67,14 +61,8 @@ def extrapolate(
 
 
 def extrapolate_checked(
-    reference: torch.Tensor,
-    final: torch.Tensor,
-    intermediates: Sequence[torch.Tensor] = (),
-    *,
-    alpha: float,
-    lam: float = 0.0,
-    out: torch.Tensor | None = None,
-    check: bool = True,
+    reference: torch.Tensor, final: torch.Tensor, intermediates: Sequence[torch.Tensor] = (),
+    *, alpha: float, lam: float = 0.0, out: torch.Tensor | None = None, check: bool = True,
 ) -> tuple[torch.Tensor, bool]:
     """``extrapolate`` plus whether the result is finite, found in the same pass.
 

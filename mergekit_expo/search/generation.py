@@ -12,24 +12,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from mergekit_expo.search.settings import SamplingSettings
+
 LOG = logging.getLogger("mergekit_expo")
-
-
-class SamplingSettings(BaseModel):
-    """Decoding settings; all part of the results key, so changing one starts fresh rows."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    temperature: float = Field(0.7, ge=0.0, description="0 means greedy decoding")
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    top_k: int = Field(40, ge=0, description="0 disables top-k")
-    max_new_tokens: int = Field(256, ge=1)
-    seed: int = 0
-    batch_size: int = Field(8, ge=1)
-    chat_template: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mergekit_expo.prompts import Pair, file_digest
-from mergekit_expo.results import files_identity
+from mergekit_expo.search.prompts import Pair, file_digest
+from mergekit_expo.search.results import files_identity
 
 
 class ScorerError(ValueError):
@@ -178,7 +178,7 @@ class DpoAccuracyScorer:
 
     def prepare(self, weights, tokenizer, chat: bool, *, progress=True) -> None:
         """Tokenize the pairs and compute log π_ref once, with θ₀ in the candidate model."""
-        from mergekit_expo.generation import encode_prompt
+        from mergekit_expo.search.generation import encode_prompt
 
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

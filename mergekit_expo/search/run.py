@@ -10,82 +10,26 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from mergekit_expo import __version__
-from mergekit_expo.generation import SamplingSettings
-from mergekit_expo.prompts import file_digest
-from mergekit_expo.results import ResultsFile, files_identity, settings_key
-from mergekit_expo.search_config import SearchConfig, SearchConfigError, best_config
+from mergekit_expo.search.merge_config import SearchConfig, SearchConfigError, best_config
+from mergekit_expo.search.prompts import file_digest
+from mergekit_expo.search.results import ResultsFile, files_identity, settings_key
+from mergekit_expo.search.settings import SearchSettings
 
 LOG = logging.getLogger("mergekit_expo")
 
-PAPER_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
 RESULTS_NAME = "results.jsonl"
 PLOT_NAME = "search.png"
 BEST_CONFIG_NAME = "best.yml"
-
-
-def _finite_list(values: list[float]) -> list[float]:
-    if not values:
-        raise ValueError("the grid is empty")
-    bad = [v for v in values if not math.isfinite(v)]
-    if bad:
-        raise ValueError(f"grid values must be finite, got {bad}")
-    return list(dict.fromkeys(float(v) for v in values))  # unique, in the order given
-
-
-Grid = Annotated[list[float], AfterValidator(_finite_list)]
-
-
-class CallableScorerSpec(BaseModel):
-    kind: Literal["callable"] = "callable"
-    function: str = Field(description="module:function or path/to/file.py:function")
-
-
-class RewardModelSpec(BaseModel):
-    kind: Literal["reward_model"] = "reward_model"
-    path: str
-
-
-class DpoSpec(BaseModel):
-    kind: Literal["dpo"] = "dpo"
-    pairs: Path
-    beta: float = Field(0.1, gt=0)
-
-
-class SearchSettings(BaseModel):
-    """Everything one search run needs, validated before any model is touched."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    config: Path
-    out_dir: Path
-    alphas: Grid = list(PAPER_ALPHAS)
-    lambdas: Grid | None = None  # None: the config's scalar lambda, else 0
-    prompts: Path | None = None
-    scorer: CallableScorerSpec | RewardModelSpec | DpoSpec = Field(discriminator="kind")
-    sampling: SamplingSettings = SamplingSettings()
-    device: str = "cpu"
-    limit: int | None = Field(None, ge=1, description="use only the first N prompts/pairs")
-    write_best: Path | None = None
-    save_responses: bool = False
-    progress: bool = True
-
-    @model_validator(mode="after")
-    def _needs_prompts(self) -> SearchSettings:
-        if self.scorer.kind != "dpo" and self.prompts is None:
-            raise ValueError("a reward-model or callable scorer needs held-out prompts (--prompts)")
-        return self
 
 
 @dataclass
@@ -102,7 +46,7 @@ class SearchReport:
 
 def run_search(settings: SearchSettings) -> SearchReport:
     """Score every (α, λ) of the grid, resuming from the results file; merge the winner if asked."""
-    from mergekit_expo.search_config import load_search_config
+    from mergekit_expo.search.merge_config import load_search_config
 
     search = load_search_config(settings.config)
     for note in search.notes:
@@ -152,36 +96,6 @@ def run_search(settings: SearchSettings) -> SearchReport:
     return report
 
 
-def parse_grid(values: tuple[str, ...] | list[str]) -> list[float] | None:
-    """``0.1,0.2,0.5`` and inclusive ranges ``start:stop:step`` (``0.1:0.5:0.1``); None if empty."""
-    grid: list[float] = []
-    for value in values:
-        for part in str(value).replace(" ", "").split(","):
-            if not part:
-                continue
-            if ":" in part:
-                grid += _range(part)
-            else:
-                try:
-                    grid.append(float(part))
-                except ValueError:
-                    raise ValueError(f"grid value {part!r} is not a number") from None
-    return grid or None
-
-
-def _range(text: str) -> list[float]:
-    try:
-        start, stop, step = (float(x) for x in text.split(":"))
-    except ValueError:
-        raise ValueError(f"grid range {text!r}: write start:stop:step, e.g. 0.1:0.5:0.1") from None
-    if not step > 0 or stop < start:
-        raise ValueError(f"grid range {text!r}: need step > 0 and stop >= start")
-    steps = (stop - start) / step
-    if abs(steps - round(steps)) > 1e-6:
-        raise ValueError(f"grid range {text!r}: (stop - start) is not a multiple of step")
-    return [round(start + i * step, 10) for i in range(round(steps) + 1)]
-
-
 def pick_winner(rows: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     """Highest mean score; ties go to the earlier candidate in grid order. Failures never win."""
     best = None
@@ -211,8 +125,8 @@ def write_best(config_path: Path, out: Path, settings: SearchSettings) -> Path:
 
 
 def _score_candidates(settings, search, scorer, data, pending, results, key_settings) -> None:
-    from mergekit_expo.candidates import CandidateOverflow, CandidateWeights
-    from mergekit_expo.generation import Sampler, load_tokenizer, uses_chat_template
+    from mergekit_expo.search.candidates import CandidateOverflow, CandidateWeights
+    from mergekit_expo.search.generation import Sampler, load_tokenizer, uses_chat_template
 
     need_mids = any(lam for _, lam in pending)
     weights = CandidateWeights(
@@ -302,7 +216,7 @@ def _check_grid(search: SearchConfig, lambdas: list[float]) -> None:
 
 
 def _read_data(settings: SearchSettings):
-    from mergekit_expo.prompts import read_pairs, read_prompts
+    from mergekit_expo.search.prompts import read_pairs, read_prompts
 
     if settings.scorer.kind == "dpo":
         data = read_pairs(settings.scorer.pairs)
@@ -312,7 +226,7 @@ def _read_data(settings: SearchSettings):
 
 
 def _make_scorer(settings: SearchSettings, data):
-    from mergekit_expo import scorers
+    from mergekit_expo.search import scorers
 
     spec = settings.scorer
     batch = settings.sampling.batch_size
@@ -361,6 +275,6 @@ def _plot(rows, out: Path, winner, label: str) -> Path | None:
     except ImportError as error:  # pragma: no cover - matplotlib is an install requirement
         LOG.warning("expo search: no plot (%s); pip install matplotlib", error)
         return None
-    from mergekit_expo.search_plot import plot_search
+    from mergekit_expo.search.plot import plot_search
 
     return plot_search(scored, out, winner=winner, score_label=label)

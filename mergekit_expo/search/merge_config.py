@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mergekit_expo import METHOD_NAME
+from mergekit_expo.merge import METHOD_NAME
 
 LOG = logging.getLogger("mergekit_expo")
 
@@ -61,8 +61,8 @@ def load_search_config(path: str | Path) -> SearchConfig:
     """Parse and check a merge YAML for the search; raise :class:`SearchConfigError` if unusable."""
     from mergekit.config import MergeConfiguration
 
-    from mergekit_expo.card import slice_roles
-    from mergekit_expo.parameters import DEFAULT_WARN_RELATIVE_CHANGE
+    from mergekit_expo.merge.parameters import DEFAULT_WARN_RELATIVE_CHANGE
+    from mergekit_expo.merge.roles import slice_roles
 
     path = Path(path)
     try:

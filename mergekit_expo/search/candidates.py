@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from mergekit_expo.checks import NonFiniteError, overflow_message, relative_change
-from mergekit_expo.extrapolation import extrapolate, extrapolate_checked
-from mergekit_expo.search_config import SearchConfig, SearchConfigError
+from mergekit_expo.merge.formula import extrapolate, extrapolate_checked
+from mergekit_expo.merge.guards import NonFiniteError, overflow_message, relative_change
+from mergekit_expo.search.merge_config import SearchConfig, SearchConfigError
 
 LOG = logging.getLogger("mergekit_expo")
 

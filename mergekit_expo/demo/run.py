@@ -34,7 +34,7 @@ def write_config(path: Path, reference: Path, aligned: Path, alpha: float) -> Pa
 
 
 def run_demo(out: Path, alpha: float = DEMO_ALPHA) -> dict[str, float]:
-    from mergekit_expo.tiny import build_model, derive
+    from mergekit_expo.demo.checkpoints import build_model, derive
 
     out = out.resolve()
     models = out / "models"

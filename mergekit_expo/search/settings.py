@@ -1,0 +1,112 @@
+"""What one search run was asked to do: the grid, the scorer, sampling and outputs, validated.
+
+Everything is checked here, before any model is read: a typo in a grid or a missing prompts file
+must not surface an hour into a search.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+PAPER_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+class SamplingSettings(BaseModel):
+    """Decoding settings; all part of the results key, so changing one starts fresh rows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(0.7, ge=0.0, description="0 means greedy decoding")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, description="0 disables top-k")
+    max_new_tokens: int = Field(256, ge=1)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    chat_template: Literal["auto", "on", "off"] = "auto"
+
+
+def _finite_list(values: list[float]) -> list[float]:
+    if not values:
+        raise ValueError("the grid is empty")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"grid values must be finite, got {bad}")
+    return list(dict.fromkeys(float(v) for v in values))  # unique, in the order given
+
+
+Grid = Annotated[list[float], AfterValidator(_finite_list)]
+
+
+class CallableScorerSpec(BaseModel):
+    kind: Literal["callable"] = "callable"
+    function: str = Field(description="module:function or path/to/file.py:function")
+
+
+class RewardModelSpec(BaseModel):
+    kind: Literal["reward_model"] = "reward_model"
+    path: str
+
+
+class DpoSpec(BaseModel):
+    kind: Literal["dpo"] = "dpo"
+    pairs: Path
+    beta: float = Field(0.1, gt=0)
+
+
+class SearchSettings(BaseModel):
+    """Everything one search run needs, validated before any model is touched."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: Path
+    out_dir: Path
+    alphas: Grid = list(PAPER_ALPHAS)
+    lambdas: Grid | None = None  # None: the config's scalar lambda, else 0
+    prompts: Path | None = None
+    scorer: CallableScorerSpec | RewardModelSpec | DpoSpec = Field(discriminator="kind")
+    sampling: SamplingSettings = SamplingSettings()
+    device: str = "cpu"
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts/pairs")
+    write_best: Path | None = None
+    save_responses: bool = False
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _needs_prompts(self) -> SearchSettings:
+        if self.scorer.kind != "dpo" and self.prompts is None:
+            raise ValueError("a reward-model or callable scorer needs held-out prompts (--prompts)")
+        return self
+
+
+def parse_grid(values: tuple[str, ...] | list[str]) -> list[float] | None:
+    """``0.1,0.2,0.5`` and inclusive ranges ``start:stop:step`` (``0.1:0.5:0.1``); None if empty."""
+    grid: list[float] = []
+    for value in values:
+        for part in str(value).replace(" ", "").split(","):
+            if not part:
+                continue
+            if ":" in part:
+                grid += _range(part)
+            else:
+                try:
+                    grid.append(float(part))
+                except ValueError:
+                    raise ValueError(f"grid value {part!r} is not a number") from None
+    return grid or None
+
+
+def _range(text: str) -> list[float]:
+    try:
+        start, stop, step = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"grid range {text!r}: write start:stop:step, e.g. 0.1:0.5:0.1") from None
+    if not step > 0 or stop < start:
+        raise ValueError(f"grid range {text!r}: need step > 0 and stop >= start")
+    steps = (stop - start) / step
+    if abs(steps - round(steps)) > 1e-6:
+        raise ValueError(f"grid range {text!r}: (stop - start) is not a multiple of step")
+    return [round(start + i * step, 10) for i in range(round(steps) + 1)]

@@ -1,0 +1,123 @@
+"""Commands written in the docs run as written: each benchmark command in its smallest form, the
+search's worked example word for word (in a temporary folder instead of /tmp/expo-example).
+
+Each runs as its own process from the repository root, the way a reader types it: that is how a
+module named like the standard library's (``benchmarks/profile.py``) once broke
+``python benchmarks/search_bench.py`` before it printed anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    ROOT / "benchmarks" / "README.md",
+    *sorted((ROOT / "examples").glob("*/README.md")),
+]
+QUICK = "tests/test_benchmark_quick.py (`run --quick`, `report`)"
+SEARCH_BENCH_SMALL = (
+    "benchmarks/search_bench.py --workdir {tmp} --hidden 64 --layers 2 --alphas 0.1,0.3 "
+    "--prompts 2 --max-new-tokens 4 --threads 1 --repeat 1"
+)
+# every benchmark command in the docs -> how the suite runs it
+SMALLEST = {
+    "python -m benchmarks run": QUICK,
+    "python -m benchmarks run --params 1.1B --params 2.2B --repeats 3 --wait-quiet 0.3 "
+    "--flag-sweep --plot docs/performance.png --markdown benchmarks/results/report.md": QUICK,
+    "python -m benchmarks run --quick": QUICK,
+    "python -m benchmarks report benchmarks/results/<session>/results.json --plot out.png": QUICK,
+    "python -m benchmarks kernel": "-m benchmarks kernel --elements 1M",
+    "python -m benchmarks breakdown --wait-quiet 0.3": (
+        "-m benchmarks breakdown --params 2M --repeats 1 --cache-dir {tmp}/cache "
+        "--results-dir {tmp}/results"
+    ),
+    "python benchmarks/agreement.py": "benchmarks/agreement.py",
+    "python benchmarks/search_bench.py --workdir /tmp/sbench --threads 1 --repeat 5": (
+        SEARCH_BENCH_SMALL
+    ),
+    "python benchmarks/search_bench.py --workdir /tmp/sbench-big --hidden 2048 --layers 16 "
+    "--prompts 8 --max-new-tokens 16 --threads 1 --repeat 2": SEARCH_BENCH_SMALL,
+}
+# what each smallest form must print: it ran to the end and checked its numbers
+EXPECTED = {
+    "-m benchmarks kernel --elements 1M": r"worst: expo \(float64 slices, reused scratch\)",
+    SMALLEST["python -m benchmarks breakdown --wait-quiet 0.3"]: r"\| merge method \(kernel",
+    "benchmarks/agreement.py": r"iterative alpha=1\.7 lambda=0\.2: expo 99\.99",
+    SEARCH_BENCH_SMALL: r'"scores_identical": true',
+}
+
+
+def bash_blocks(path: Path) -> list[str]:
+    """The ```bash blocks of a Markdown file, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
+    return [block.replace("\\\n", " ") for block in blocks]
+
+
+def documented_commands(prefixes: tuple[str, ...]) -> set[str]:
+    """Command lines in ```bash blocks and in `inline code` that start with one of ``prefixes``."""
+    found = set()
+    for path in DOCUMENTS:
+        inline = re.findall(r"(?<!`)`([^`\n]+)`(?!`)", path.read_text(encoding="utf-8"))
+        for line in [*inline, *(ln for block in bash_blocks(path) for ln in block.splitlines())]:
+            line = " ".join(line.split("  #")[0].split())
+            if line.startswith(prefixes):
+                found.add(line)
+    return found
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def test_every_documented_benchmark_command_has_a_smallest_form():
+    documented = documented_commands(("python -m benchmarks", "python benchmarks/"))
+    assert documented == set(SMALLEST), (
+        "a benchmark command in the docs has no smallest form here (or one here is no longer "
+        f"documented): {sorted(documented ^ set(SMALLEST))}"
+    )
+
+
+def form_id(form: str) -> str:
+    words = form.split()
+    return words[2] if words[0] == "-m" else Path(words[0]).stem
+
+
+@pytest.mark.parametrize("form", sorted(EXPECTED), ids=form_id)
+def test_documented_benchmark_command_runs(form, tmp_path):
+    args = form.format(tmp=tmp_path).split()
+    completed = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert re.search(EXPECTED[form], completed.stdout), completed.stdout[-3000:]
+
+
+def test_search_worked_example_runs_as_written(tmp_path):
+    """examples/search/README.md's block (the same commands as docs/search.md), verbatim."""
+    (block,) = bash_blocks(ROOT / "examples" / "search" / "README.md")
+    assert "python examples/search/make_models.py /tmp/expo-example" in block
+    in_docs = " ".join(" ".join(b.split()) for b in bash_blocks(ROOT / "docs" / "search.md"))
+    for line in block.splitlines():
+        assert " ".join(line.split()) in in_docs, f"docs/search.md lacks: {line}"
+    script = block.replace("/tmp/expo-example", str(tmp_path / "example"))
+    bin_dir = str(Path(sys.executable).parent)
+    completed = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,
+        timeout=600, env={**env(), "PATH": bin_dir + os.pathsep + os.environ["PATH"]},
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "Best: alpha = " in completed.stdout
+    rows = (tmp_path / "example" / "search" / "results.jsonl").read_text().splitlines()
+    assert sorted(json.loads(row)["alpha"] for row in rows) == [0, 0.5, 1, 2, 4, 8, 16]
+    assert (tmp_path / "example" / "best" / "config.json").is_file()
