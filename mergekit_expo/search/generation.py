@@ -1,8 +1,9 @@
 """Sampling answers to held-out prompts with transformers, the same way for every candidate.
 
-Defaults are the papers' decoding settings (temperature 0.7, top-p 0.9, top-k 40). The RNG is
-re-seeded before each candidate, so every candidate sees the same random numbers: differences
-between candidates then come from the weights, not from sampling noise (common random numbers).
+The defaults (``settings.SamplingSettings``) are the papers' decoding settings (temperature 0.7,
+top-p 0.9, top-k 40). The RNG is re-seeded before each candidate, so every candidate sees the
+same random numbers: differences between candidates then come from the weights, not from
+sampling noise (common random numbers).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What one search run was asked to do: the grid, the scorer, sampling and outputs, validated.
 
-Everything is checked here, before any model is read: a typo in a grid or a missing prompts file
-must not surface an hour into a search.
+Checked before any model is read, so that a bad grid value or a scorer without its prompts fails
+at once, not an hour into a search.
 """
 
 from __future__ import annotations
