@@ -19,7 +19,9 @@ def register() -> None:
     """Make ``merge_method: expo`` available to mergekit in this process (idempotent).
 
     Needed only where the automatic hook is off (``MERGEKIT_EXPO_DISABLE=1``, ``python -S``) or
-    mergekit was imported before this package was installed.
+    mergekit was imported before this package was installed. It applies the start-up hook's
+    table (``_startup.AFTER_IMPORT``) to the modules now; importing ``_startup`` also installs
+    its finder unless opted out, so later imports are extended too.
     """
     import importlib
 

@@ -1,9 +1,9 @@
 """Commands written in the docs run as written: each benchmark command in its smallest form, the
 search's worked example word for word (in a temporary folder instead of /tmp/expo-example).
 
-Each runs as its own process from the repository root, the way a reader types it: that is how a
-module named like the standard library's (``benchmarks/profile.py``) once broke
-``python benchmarks/search_bench.py`` before it printed anything.
+Each runs as its own process from the repository root, the way a reader types it: only then does
+a module in benchmarks/ named like one of the standard library's (``profile.py``) show, by
+breaking ``python benchmarks/search_bench.py`` before it prints anything.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Each ``after_*`` function runs right after the module it names has executed (the start-up hook,
 ``mergekit_expo._startup``, lists them), or from ``mergekit_expo.register()``. All are
-idempotent. Only the registration imports ``merge.method`` at hook time; the others import our
-modules inside their wrappers, because mergekit may still be half-imported when they run.
+idempotent. At hook time only the registration (``merge.method``) and the card section
+(``merge.card``, which needs no mergekit) import our modules; the wrappers of mergekit's tasks
+import theirs when they run, because mergekit may still be half-imported when the hooks do.
 
 - ``mergekit.merge_methods``: register the method by name.
 - ``mergekit_expo.merge.method``: the same, when it was imported before mergekit had finished.

@@ -2,7 +2,7 @@
 
 θ₀, θ_T (and the intermediates, or their float64 mean θ̄) are read once through mergekit's own
 tensor loader, cast exactly as the merge casts them (``dtype:``), and each candidate is written
-into the model's parameters with :func:`mergekit_expo.extrapolation.extrapolate` — the kernel of
+into the model's parameters with :func:`mergekit_expo.merge.formula.extrapolate` — the kernel of
 the merge method — then cast as the merge casts its output (``out_dtype:``). A candidate is
 therefore bit-identical to what ``mergekit-yaml`` would write for the same α and λ, without
 writing or loading a model.

@@ -1,9 +1,9 @@
 """The merge config as the α/λ search sees it: roles, dtypes, and the winner's config.
 
 The search reads the same YAML as ``mergekit-yaml`` and must treat it exactly as the merge does
-(roles from :func:`mergekit_expo.card.slice_roles`, ``dtype``/``out_dtype`` casts), so that the
-winner written back with ``--write-best`` is the model that was scored. What the search cannot
-reproduce it refuses up front, before any weight is read.
+(roles from :func:`mergekit_expo.merge.roles.slice_roles`, ``dtype``/``out_dtype`` casts), so
+that the winner written back with ``--write-best`` is the model that was scored. What the search
+cannot reproduce it refuses up front, before any weight is read.
 """
 
 from __future__ import annotations
