@@ -136,5 +136,15 @@ def kernel(elements, threads):
     kernel_main(int(parse_count(elements)), threads)
 
 
+@main.command()
+@click.option("--runs", type=int, default=40, show_default=True,
+              help="Interpreter starts per variant (interleaved); the medians are compared.")
+def startup(runs):
+    """What the start-up hook (mergekit_expo.pth) adds to every Python process."""
+    from benchmarks.startup import main as startup_main
+
+    click.echo(startup_main(runs))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,6 @@ Importing this package is cheap on purpose: it runs at every interpreter start-u
 ``mergekit_expo.pth``), so torch and mergekit are imported only when mergekit itself is.
 """
 
-from __future__ import annotations
-
 from mergekit_expo.merge import METHOD_NAME
 
 __version__ = "0.1.0"

@@ -33,6 +33,20 @@ def test_start_up_imports_neither_torch_nor_mergekit():
     assert out.stdout.split() == ["False", "False", "True"]
 
 
+def test_start_up_hook_imports_nothing_but_its_own_modules(tmp_path):
+    """No importlib.abc, typing, pathlib...: each would cost every Python process milliseconds."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks.startup import baseline_venv
+    finally:
+        sys.path.remove(str(REPO))
+    show = "import sys; print(' '.join(sorted(sys.modules)))"
+    bare = set(python(show, executable=baseline_venv(tmp_path / "bare")).stdout.split())
+    plugged = set(python(show).stdout.split())
+    assert "mergekit_expo._startup" not in bare
+    assert plugged - bare == {"mergekit_expo", "mergekit_expo._startup", "mergekit_expo.merge"}
+
+
 @pytest.mark.parametrize(
     "first_import",
     [
