@@ -23,6 +23,7 @@ AFTER_IMPORT = {
     "mergekit.card": "after_card",
     "mergekit.tokenizer.embed": "after_embed",
     "mergekit.io.tasks": "after_io_tasks",
+    "mergekit.merge": "after_merge",
 }
 
 

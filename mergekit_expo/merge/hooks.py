@@ -11,6 +11,8 @@ import theirs when they run, because mergekit may still be half-imported when th
 - ``mergekit.card``: add a section naming θ₀, θ_T, the intermediates, α and λ to the card.
 - ``mergekit.tokenizer.embed``: remember vocabulary rows the reference lacks (``guards``).
 - ``mergekit.io.tasks``: refuse a non-finite tensor after the ``out_dtype`` cast.
+- ``mergekit.merge``: an expo merge writes into a staging folder and moves into place only when
+  complete (``merge.output``).
 """
 
 from __future__ import annotations
@@ -127,6 +129,40 @@ def after_io_tasks(tasks: ModuleType) -> None:
         return execute
 
     _wrap_once(tasks.SaveTensor, "execute", wrap)
+
+
+def after_merge(merge: ModuleType) -> None:
+    def wrap(original: Callable) -> Callable:
+        def run_merge(merge_config, out_path, options, config_source=None):
+            if not uses_expo(merge_config):
+                return original(merge_config, out_path, options=options,
+                                config_source=config_source)
+            from mergekit_expo.merge.output import staged
+
+            with staged(out_path) as staging:
+                return original(merge_config, staging, options=options,
+                                config_source=config_source)
+
+        return run_merge
+
+    run_merge = _wrap_once(merge, "run_merge", wrap)
+    for name in ("mergekit.scripts.run_yaml", "mergekit.scripts.multimerge"):
+        holder = sys.modules.get(name)  # imported before us: holds the unwrapped function
+        if holder is not None and hasattr(holder, "run_merge"):
+            holder.run_merge = run_merge
+
+
+def uses_expo(merge_config: Any) -> bool:
+    """Whether ``merge_method: expo`` appears anywhere in the config (top, slices, modules)."""
+
+    def found(value: Any) -> bool:
+        if isinstance(value, dict):
+            return value.get("merge_method") == METHOD_NAME or any(map(found, value.values()))
+        if isinstance(value, (list, tuple)):
+            return any(map(found, value))
+        return False
+
+    return found(merge_config.model_dump())
 
 
 def _wrap_once(owner: Any, name: str, wrap: Callable[[Callable], Callable]) -> Callable:

@@ -1,0 +1,277 @@
+"""An expo merge's output folder holds the complete new model or is left as it was.
+
+The real mergekit (``run_merge`` in process, ``mergekit-yaml`` and ``mergekit-multi``), tiny
+real checkpoints; failures are injected at exact moments by tests/faults.py (signals, a file-size
+limit as ``ulimit -f`` sets it) or by a real ``ulimit -f`` in the shell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_merge_in_process, write_config
+from reference import agreement, formula64, load
+
+from mergekit_expo.merge.output import IncompleteOutputError, is_model_file, verify
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def expo(zoo, alpha: float) -> dict:
+    return {
+        "merge_method": "expo",
+        "base_model": str(zoo.sft),
+        "models": [{"model": str(zoo.dpo)}],
+        "parameters": {"alpha": alpha},
+    }
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file of the folder (recursively) and a hash of its bytes."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def model_files(folder: Path) -> list[str]:
+    if not folder.exists():
+        return []
+    return sorted(name for name in os.listdir(folder) if is_model_file(name))
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.expo-*"))
+
+
+def assert_loads_as(out: Path, zoo, alpha: float) -> None:
+    """transformers reads exactly the merge's weights (not an earlier merge's) from ``out``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    state = model.state_dict()
+    theta0, theta1 = load(zoo.sft), load(zoo.dpo)
+    for name, tensor in theta1.items():
+        assert agreement(state[name], formula64(theta0[name], tensor, alpha=alpha)) >= 0.9999, name
+
+
+def expected_files(out: Path) -> set[str]:
+    """A model folder: metadata, tokenizer, and exactly the weight files its index names."""
+    index = out / "model.safetensors.index.json"
+    weights = (
+        {index.name, *json.loads(index.read_text())["weight_map"].values()}
+        if index.exists() else {"model.safetensors"}
+    )
+    return weights | {"config.json", "generation_config.json", "README.md", "mergekit_config.yml",
+                      "tokenizer.json", "tokenizer_config.json"}
+
+
+@pytest.fixture(scope="module")
+def earlier(zoo, tmp_path_factory) -> Path:
+    """A complete earlier merge (α = 0.5) with another shard layout: an index and 16 shards."""
+    out = tmp_path_factory.mktemp("earlier") / "model"
+    return run_merge_in_process(expo(zoo, 0.5), out, out_shard_size=200_000)
+
+
+@pytest.mark.parametrize("first_shard_size", [200_000, None], ids=["sharded-then-single",
+                                                                  "single-then-sharded"])
+def test_rerun_with_another_shard_layout_leaves_exactly_the_new_model(
+    zoo, tmp_path, first_shard_size
+):
+    out = tmp_path / "out"
+    first = {"out_shard_size": first_shard_size} if first_shard_size else {}
+    second = {} if first_shard_size else {"out_shard_size": 200_000}
+    run_merge_in_process(expo(zoo, 0.5), out, **first)
+    (out / "notes.txt").write_text("mine")
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    run_merge_in_process(expo(zoo, 0.2), out, **second)
+    assert set(os.listdir(out)) == expected_files(out) | {"notes.txt", ".git"}
+    assert (out / "notes.txt").read_text() == "mine" and (out / ".git" / "HEAD").exists()
+    assert leftovers(out) == []
+    assert_loads_as(out, zoo, 0.2)
+
+
+def test_exception_late_in_the_merge_leaves_the_earlier_model_untouched(
+    zoo, tmp_path, earlier, monkeypatch
+):
+    import mergekit.merge
+
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    before = snapshot(out)
+
+    def broken_card(**kwargs):
+        raise RuntimeError("injected: card")
+
+    monkeypatch.setattr(mergekit.merge, "generate_card", broken_card)
+    with pytest.raises(RuntimeError, match="injected: card"):
+        run_merge_in_process(expo(zoo, 0.2), out)
+    assert snapshot(out) == before
+    assert leftovers(out) == []
+
+
+def test_failed_first_merge_creates_no_model_files(zoo, tmp_path, monkeypatch):
+    """The weights are complete, then writing config.json fails."""
+    import transformers
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError(28, "injected: No space left on device")
+
+    config, out = expo(zoo, 0.2), tmp_path / "out"  # the checkpoints are built before the fault
+    monkeypatch.setattr(transformers.PretrainedConfig, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="injected"):
+        run_merge_in_process(config, out)
+    assert model_files(out) == [] and leftovers(out) == []
+
+
+def test_mergekit_multi_reruns_an_interrupted_step(zoo, tmp_path, monkeypatch):
+    """An interrupted step leaves no model, so ``mergekit-multi`` does not skip it as done."""
+    import mergekit.merge
+    from mergekit.scripts.multimerge import main as mergekit_multi
+
+    step = {"name": "step", **expo(zoo, 0.2)}
+    final = {"merge_method": "linear", "models": [{"model": "step", "parameters": {"weight": 1}}]}
+    config = tmp_path / "multi.yml"
+    config.write_text(json.dumps(step) + "\n---\n" + json.dumps(final) + "\n")
+    args = [str(config), "-I", str(tmp_path / "steps"), "--out-path", str(tmp_path / "final")]
+    original = mergekit.merge._copy_tokenizer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while mergekit copies the step's tokenizer
+
+    monkeypatch.setattr(mergekit.merge, "_copy_tokenizer", interrupted)
+    with pytest.raises(BaseException):  # noqa: B017 - click turns Ctrl-C into Abort
+        mergekit_multi(args, standalone_mode=False)
+    assert model_files(tmp_path / "steps" / "step") == []
+    monkeypatch.setattr(mergekit.merge, "_copy_tokenizer", original)
+    mergekit_multi(args, standalone_mode=False)
+    done = tmp_path / "steps" / "step"
+    assert set(os.listdir(done)) == expected_files(done)
+    assert_loads_as(done, zoo, 0.2)
+
+
+def test_non_expo_merges_are_left_to_mergekit(zoo, tmp_path, monkeypatch):
+    import mergekit_expo.merge.output as output
+
+    def no_staging(out_path):
+        raise AssertionError("a linear merge was staged")
+
+    monkeypatch.setattr(output, "staged", no_staging)
+    config = {"merge_method": "linear", "models": [
+        {"model": str(zoo.sft), "parameters": {"weight": 1}}]}
+    assert (run_merge_in_process(config, tmp_path / "out") / "config.json").exists()
+
+
+def test_verify_refuses_truncated_weights_missing_shards_and_empty_tokenizer(zoo, tmp_path,
+                                                                              earlier):
+    folder = tmp_path / "model"
+    shutil.copytree(zoo.sft, folder)
+    verify(folder)
+    weights = folder / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 1)
+    with pytest.raises(IncompleteOutputError, match="model.safetensors is .* bytes, its header"):
+        verify(folder)
+    shutil.copy(zoo.sft / "model.safetensors", weights)
+    (folder / "tokenizer_config.json").write_text("")
+    with pytest.raises(IncompleteOutputError, match="tokenizer_config.json is not valid JSON"):
+        verify(folder)
+    shards = tmp_path / "shards"
+    shutil.copytree(earlier, shards)
+    (shards / "model-00003-of-00016.safetensors").unlink()
+    with pytest.raises(IncompleteOutputError, match="names model-00003-of-00016.safetensors"):
+        verify(shards)
+
+
+# --- real processes: signals and full disks at exact moments (tests/faults.py) ---------------
+
+
+def merge_args(config: Path, out: Path) -> list[str]:
+    return [str(config), str(out), "--no-write-model-card"]
+
+
+def start(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, **kwargs)
+
+
+def driver(tmp_path: Path, name: str, scenarios: list[dict]) -> subprocess.Popen:
+    spec = tmp_path / f"{name}.json"
+    spec.write_text(json.dumps(scenarios))
+    return start([sys.executable, str(HERE / "faults.py"), str(spec)])
+
+
+def test_interrupted_or_failed_mergekit_yaml_leaves_no_mixed_or_incomplete_model(
+    zoo, tmp_path, earlier
+):
+    """Ctrl-C, SIGTERM, SIGKILL while config.json is written; a full disk right after the weights,
+    while copying the tokenizer, and (real ``ulimit -f``) while writing the weights."""
+    config = write_config(tmp_path / "expo.yml", expo(zoo, 0.2))
+    outs = {name: tmp_path / name for name in
+            ("sigint", "sigterm", "sigkill", "after_weights", "tokenizer", "ulimit")}
+    for name in ("sigint", "sigkill", "tokenizer", "ulimit"):  # an earlier model is there
+        shutil.copytree(earlier, outs[name])
+    before = snapshot(earlier)
+
+    def scenario(name, fault):
+        return {"name": name, "fault": fault, "args": merge_args(config, outs[name])}
+
+    processes = {
+        "in_process": driver(tmp_path, "in_process", [
+            scenario("sigint", "sigint_while_saving_config"),
+            scenario("after_weights", "disk_full_after_weights"),
+            scenario("tokenizer", "disk_full_while_copying_tokenizer"),
+        ]),
+        **{
+            name: driver(tmp_path, name, [scenario(name, f"{name}_while_saving_config")])
+            for name in ("sigterm", "sigkill")
+        },
+        "ulimit": start(["bash", "-c", 'ulimit -f 100 && exec "$@"', "ulimit",
+                         str(BIN / "mergekit-yaml"), *merge_args(config, outs["ulimit"])]),
+    }
+    done = {name: (process.wait(timeout=600), *process.communicate()) for name, process in
+            processes.items()}
+
+    code, stdout, stderr = done["in_process"]
+    assert code == 0, stderr[-3000:]
+    outcomes = {row["name"]: row["outcome"] for row in map(json.loads, stdout.splitlines())}
+    outcomes.update({name: f"returncode {done[name][0]}" for name in ("sigterm", "sigkill")})
+    outcomes["ulimit"] = f"returncode {done['ulimit'][0]}: {done['ulimit'][2][-300:]}"
+    expected = {
+        "sigint": "KeyboardInterrupt",
+        "sigterm": f"returncode {-signal.SIGTERM}",
+        "sigkill": f"returncode {-signal.SIGKILL}",
+        "after_weights": "OSError: [Errno 27] File too large",
+        "tokenizer": "IncompleteOutputError: copying the tokenizer failed",
+        "ulimit": "returncode 1",
+    }
+    problems = [f"{name}: {outcomes[name]!r}" for name, start in expected.items()
+                if not outcomes[name].startswith(start)]
+    # an earlier complete model is untouched; where there was none, no model file appeared
+    problems += [f"{name}: earlier model changed" for name in ("sigint", "sigkill", "tokenizer",
+                                                               "ulimit")
+                 if snapshot(outs[name]) != before]
+    problems += [f"{name}: {model_files(outs[name])}" for name in ("sigterm", "after_weights")
+                 if model_files(outs[name])]
+    problems += [f"{name}: {leftovers(outs[name])}" for name in outs
+                 if name != "sigkill" and leftovers(outs[name])]
+    assert problems == [], "\n".join(problems)
+
+    # SIGKILL leaves the staging folder (hidden, beside OUT); the next merge into OUT removes it
+    (staging,) = leftovers(outs["sigkill"])
+    assert staging.startswith(".sigkill.expo-staging-")
+    run_merge_in_process(expo(zoo, 0.2), outs["sigkill"])
+    assert leftovers(outs["sigkill"]) == []
+    assert_loads_as(outs["sigkill"], zoo, 0.2)
