@@ -13,12 +13,19 @@ import theirs when they run, because mergekit may still be half-imported when th
 - ``mergekit.io.tasks``: refuse a non-finite tensor after the ``out_dtype`` cast.
 - ``mergekit.merge``: an expo merge writes into a staging folder and moves into place only when
   complete (``merge.output``).
+
+Each hook first checks that what it wraps is still there with the signature it calls
+(``_expect``). On a mismatch, or when a hooked module cannot be found, it leaves mergekit as it
+is, logs a warning naming the feature that is lost (``FEATURES``) and records it in ``LOST``; an
+expo merge that needs a lost guard is then refused (``refuse_without_lost_guards``).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
+import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -29,20 +36,104 @@ from mergekit_expo.merge import METHOD_NAME
 
 LOG = logging.getLogger("mergekit_expo")
 _MARK = "__mergekit_expo__"
+SUPPORTED = "mergekit-expo supports mergekit >=0.1.5,<0.2"
+
+# what each hook gives, in the words of the warning when it cannot be installed
+FEATURES = {
+    "after_merge_methods": "`merge_method: expo` is not registered",
+    "after_method": "`merge_method: expo` is not registered",
+    "after_card": "the model card's section naming θ₀, θ_T, α and λ is off",
+    "after_embed": (
+        "the guard that keeps vocabulary rows θ₀ lacks out of the extrapolation "
+        "(`tokenizer:` / `tokenizer_source:`) is off"
+    ),
+    "after_io_tasks": "the out_dtype overflow guard is off",
+    "after_merge": (
+        "expo merges write into the output folder in place: an interrupted merge can leave an "
+        "incomplete or mixed model there"
+    ),
+}
+# Features lost in this process (hook -> why). Process-wide like the hooks themselves: what
+# mergekit looks like does not change within a process.
+LOST: dict[str, str] = {}
 
 
 def run_hook(hook: str, module: ModuleType) -> None:
-    """Run one ``after_*`` hook; a failure leaves mergekit usable and says why."""
+    """Run one ``after_*`` hook; a failure leaves mergekit usable and says what is lost."""
     try:
         apply(hook, module)
     except Exception as error:  # noqa: BLE001 - never break mergekit's own import
-        LOG.warning(
-            "mergekit-expo could not extend %s (%s: %s); `merge_method: expo` may be "
-            "unavailable or incomplete with this mergekit version (supported: >=0.1.5,<0.2)",
-            module.__name__,
-            type(error).__name__,
-            error,
-        )
+        lose(hook, f"extending {module.__name__} failed ({type(error).__name__}: {error})")
+
+
+def lose(hook: str, why: str) -> None:
+    """Record and announce (once) that the feature ``hook`` gives is off in this process."""
+    if hook not in LOST:
+        LOST[hook] = why
+        LOG.warning("mergekit-expo: %s; %s (%s)", why, FEATURES[hook], SUPPORTED)
+
+
+def _expect(owner: Any, name: str, parameters: tuple[str, ...], hook: str) -> Any:
+    """``owner.name`` if it exists and takes exactly ``parameters``; else record the loss."""
+    where = f"{getattr(owner, '__module__', '')}.{getattr(owner, '__qualname__', owner)}"
+    where = getattr(owner, "__name__", where) if isinstance(owner, ModuleType) else where
+    value = getattr(owner, name, None)
+    if value is None:
+        lose(hook, f"mergekit's {where} has no {name}")
+        return None
+    try:
+        found = tuple(inspect.signature(inspect.unwrap(value)).parameters)
+    except (TypeError, ValueError):
+        found = None
+    if found != parameters:
+        lose(hook, f"mergekit's {where}.{name} takes {found}, not {parameters}")
+        return None
+    return value
+
+
+def _expect_fields(model: Any, fields: tuple[str, ...], hook: str) -> bool:
+    """The pydantic task ``model`` still declares ``fields`` (read by our wrapper)."""
+    missing = [f for f in fields if f not in getattr(model, "model_fields", {})]
+    if missing:
+        lose(hook, f"mergekit's {model.__module__}.{model.__qualname__} has no {missing}")
+    return not missing
+
+
+def check_hooked_modules(table: dict[str, str]) -> None:
+    """Each mergekit module of ``table`` can be found; one that moved loses its feature.
+
+    Looks the files up without importing them (mergekit may be half-imported right now).
+    """
+    for name, hook in table.items():
+        if not name.startswith("mergekit.") or name in sys.modules:
+            continue
+        parts, path = name.split("."), None
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            package = sys.modules.get(prefix)
+            if package is not None and depth < len(parts):
+                path = getattr(package, "__path__", None)
+                continue
+            spec = importlib.machinery.PathFinder.find_spec(prefix, path)
+            if spec is None:
+                lose(hook, f"mergekit has no module {name}")
+                break
+            path = spec.submodule_search_locations
+
+
+def refuse_without_lost_guards(merge_config: Any) -> None:
+    """An expo merge that needs a guard which could not be installed is refused, not run."""
+    needs = {
+        "after_io_tasks": bool(merge_config.out_dtype),
+        "after_embed": bool(merge_config.tokenizer or merge_config.tokenizer_source),
+    }
+    for hook, needed in needs.items():
+        if needed and hook in LOST:
+            raise RuntimeError(
+                f"expo: refusing this merge: {FEATURES[hook]} because {LOST[hook]} "
+                f"({SUPPORTED}); remove out_dtype/tokenizer from the config or install a "
+                "supported mergekit"
+            )
 
 
 def apply(hook: str, module: ModuleType) -> None:
@@ -54,8 +145,15 @@ def after_merge_methods(merge_methods: ModuleType) -> None:
     method_module = sys.modules.get("mergekit_expo.merge.method")
     if method_module is not None and not hasattr(method_module, "expo_method"):
         return  # merge.method is importing mergekit right now: after_method registers it
+    from mergekit_expo._startup import AFTER_IMPORT
     from mergekit_expo.merge.method import expo_method
 
+    check_hooked_modules(AFTER_IMPORT)
+    if not (
+        _expect(merge_methods, "register", ("method",), "after_merge_methods")
+        and _expect(merge_methods, "registered_methods", (), "after_merge_methods")
+    ):
+        return
     names = {method.spec.name: method for method in merge_methods.registered_methods()}
     existing = names.get(METHOD_NAME)
     if existing is None:
@@ -74,6 +172,9 @@ def after_method(method: ModuleType) -> None:
 def after_card(card: ModuleType) -> None:
     from mergekit_expo.merge.card import add_roles_section
 
+    if not _expect(card, "generate_card", ("config", "config_yaml", "name"), "after_card"):
+        return
+
     def wrap(original: Callable) -> Callable:
         def generate_card(config, config_yaml, name=None):
             text = original(config=config, config_yaml=config_yaml, name=name)
@@ -88,6 +189,15 @@ def after_card(card: ModuleType) -> None:
 
 
 def after_embed(embed: ModuleType) -> None:
+    vocabulary = getattr(embed, "PermutedVocabulary", None)
+    if vocabulary is None:
+        return lose("after_embed", "mergekit's mergekit.tokenizer.embed has no PermutedVocabulary")
+    if not (
+        _expect(vocabulary, "execute", ("self", "tokenizer_info", "tensors"), "after_embed")
+        and _expect_fields(vocabulary, ("base_model",), "after_embed")
+    ):
+        return
+
     def wrap(original: Callable) -> Callable:
         def execute(self, tokenizer_info, tensors):
             from mergekit_expo.merge.guards import record_rows_reference_lacks
@@ -108,14 +218,22 @@ def after_embed(embed: ModuleType) -> None:
 
 
 def after_io_tasks(tasks: ModuleType) -> None:
+    save = getattr(tasks, "SaveTensor", None)
+    if save is None:
+        return lose("after_io_tasks", "mergekit's mergekit.io.tasks has no SaveTensor")
+    if not (
+        _expect(save, "execute", ("self", "writer", "tensor"), "after_io_tasks")
+        and _expect_fields(save, ("dtype", "tensor_task", "tensor_name"), "after_io_tasks")
+    ):
+        return
+
     def wrap(original: Callable) -> Callable:
         def execute(self, writer, tensor):
-            if (
-                tensor is not None
-                and self.dtype
-                and tensor.is_floating_point()
-                and getattr(self.tensor_task, "method_name", None) == METHOD_NAME
-            ):
+            if tensor is not None and self.dtype and tensor.is_floating_point():
+                method = _method_of(self.tensor_task, self.tensor_name)
+            else:
+                method = None
+            if method == METHOD_NAME:
                 import torch
                 from mergekit.common import dtype_from_name
 
@@ -131,13 +249,35 @@ def after_io_tasks(tasks: ModuleType) -> None:
     _wrap_once(tasks.SaveTensor, "execute", wrap)
 
 
+def _method_of(task: Any, tensor_name: str) -> str | None:
+    """The merge method that made a saved tensor; refuses when mergekit no longer says."""
+    method = getattr(task, "method_name", None)
+    if method is None and type(task).__name__ == "ExecuteMergeMethodTask":
+        raise RuntimeError(
+            f"mergekit-expo cannot tell which merge method made tensor {tensor_name} "
+            f"(ExecuteMergeMethodTask has no method_name), so the out_dtype overflow guard "
+            f"cannot run; refusing to write it unchecked ({SUPPORTED})"
+        )
+    return method
+
+
 def after_merge(merge: ModuleType) -> None:
+    task_adapter = sys.modules.get("mergekit.merge_methods.task_adapter")
+    execute_task = getattr(task_adapter, "ExecuteMergeMethodTask", None)
+    if execute_task is None or "method_name" not in getattr(execute_task, "model_fields", {}):
+        lose("after_io_tasks", "mergekit's ExecuteMergeMethodTask has no method_name")
+    parameters = ("merge_config", "out_path", "options", "config_source")
+    if not _expect(merge, "run_merge", parameters, "after_merge"):
+        return
+
     def wrap(original: Callable) -> Callable:
         def run_merge(merge_config, out_path, options, config_source=None):
             if not uses_expo(merge_config):
                 return original(merge_config, out_path, options=options,
                                 config_source=config_source)
             from mergekit_expo.merge.output import staged
+
+            refuse_without_lost_guards(merge_config)
 
             with staged(out_path) as staging:
                 return original(merge_config, staging, options=options,

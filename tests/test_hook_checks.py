@@ -1,0 +1,121 @@
+"""When mergekit changes under the hooks, a lost feature is named, and a guard that cannot run
+refuses instead of passing. mergekit is changed in this process only (monkeypatch, restored after
+each test) or stood in for by a throwaway object; the hooks then run as at start-up."""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import pytest
+import torch
+from conftest import run_merge_in_process
+
+from mergekit_expo.merge import hooks
+
+
+@pytest.fixture(autouse=True)
+def fresh_losses(monkeypatch):
+    monkeypatch.setattr(hooks, "LOST", {})
+
+
+def expo(zoo, **extra) -> dict:
+    return {"merge_method": "expo", "base_model": str(zoo.sft),
+            "models": [{"model": str(zoo.dpo)}], "parameters": {"alpha": 0.3}, **extra}
+
+
+def test_changed_signature_is_named_and_left_unwrapped(monkeypatch, caplog):
+    import mergekit.card
+
+    def generate_card(config, config_yaml, name=None, template=None):
+        return "card"
+
+    monkeypatch.setattr(mergekit.card, "generate_card", generate_card)
+    with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
+        hooks.apply("after_card", mergekit.card)
+    assert mergekit.card.generate_card is generate_card
+    assert "generate_card takes ('config', 'config_yaml', 'name', 'template')" in caplog.text
+    assert "the model card's section naming θ₀, θ_T, α and λ is off" in caplog.text
+    assert "mergekit-expo supports mergekit >=0.1.5,<0.2" in caplog.text
+
+
+def test_renamed_save_tensor_field_turns_the_overflow_guard_into_a_refusal(
+    zoo, tmp_path, caplog
+):
+    class SaveTensor:  # mergekit's task with `dtype` renamed to `cast_to`
+        model_fields = {"cast_to": None, "tensor_task": None, "tensor_name": None}
+
+        def execute(self, writer, tensor):
+            return None
+
+    moved = types.ModuleType("mergekit.io.tasks")
+    moved.SaveTensor = SaveTensor
+    with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
+        hooks.apply("after_io_tasks", moved)
+    assert "the out_dtype overflow guard is off" in caplog.text
+    assert "SaveTensor has no ['dtype']" in caplog.text
+    assert not getattr(SaveTensor.execute, "__mergekit_expo__", False)
+    with pytest.raises(RuntimeError, match="refusing this merge: the out_dtype overflow guard"):
+        run_merge_in_process(expo(zoo, out_dtype="float16"), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    run_merge_in_process(expo(zoo), tmp_path / "fine")  # without out_dtype nothing is missing
+    assert (tmp_path / "fine" / "config.json").exists()
+
+
+def test_save_tensor_wrapper_refuses_when_it_cannot_read_the_method(monkeypatch):
+    from mergekit.io.tasks import SaveTensor
+
+    class ExecuteMergeMethodTask:  # mergekit's task with `method_name` renamed
+        merge_method = "expo"
+
+    task = types.SimpleNamespace(dtype="float16", tensor_name="model.norm.weight",
+                                 tensor_task=ExecuteMergeMethodTask())
+    assert getattr(SaveTensor.execute, "__mergekit_expo__", False)
+    with pytest.raises(RuntimeError, match="cannot tell which merge method made tensor model.norm"):
+        SaveTensor.execute(task, writer=None, tensor=torch.full((2,), 1e6))
+
+
+def test_a_hooked_module_that_moved_is_named_with_its_feature(caplog):
+    with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
+        hooks.check_hooked_modules({
+            "mergekit.scripts.extract_lora": "after_card",  # there (not imported): no loss
+            "mergekit.io.tasks_v2": "after_io_tasks",
+            "mergekit.tokenizers.embed": "after_embed",
+        })
+    assert set(hooks.LOST) == {"after_io_tasks", "after_embed"}
+    assert "mergekit has no module mergekit.io.tasks_v2" in caplog.text
+    assert "the out_dtype overflow guard is off" in caplog.text
+    assert "mergekit has no module mergekit.tokenizers.embed" in caplog.text
+    assert "vocabulary rows θ₀ lacks" in caplog.text
+
+
+def test_lost_vocabulary_guard_refuses_tokenizer_configs(zoo, tmp_path):
+    hooks.lose("after_embed", "mergekit has no module mergekit.tokenizer.embed")
+    with pytest.raises(RuntimeError, match="vocabulary rows θ₀ lacks .* is off because mergekit"):
+        run_merge_in_process(expo(zoo, tokenizer={"source": "union"}), tmp_path / "out")
+
+
+def test_changed_run_merge_keeps_mergekit_and_says_outputs_are_written_in_place(
+    monkeypatch, caplog
+):
+    import mergekit.merge
+
+    def run_merge(merge_config, out_path, options, config_source=None, *, resume=False):
+        return None
+
+    monkeypatch.setattr(mergekit.merge, "run_merge", run_merge)
+    with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
+        hooks.apply("after_merge", mergekit.merge)
+    assert mergekit.merge.run_merge is run_merge
+    assert "expo merges write into the output folder in place" in caplog.text
+
+
+def test_the_installed_mergekit_loses_nothing():
+    import mergekit.merge  # noqa: F401 - every hooked module is imported with it
+
+    from mergekit_expo import register
+    from mergekit_expo._startup import AFTER_IMPORT
+
+    register()
+    hooks.check_hooked_modules(AFTER_IMPORT)
+    assert hooks.LOST == {}
