@@ -275,3 +275,98 @@ def test_interrupted_or_failed_mergekit_yaml_leaves_no_mixed_or_incomplete_model
     run_merge_in_process(expo(zoo, 0.2), outs["sigkill"])
     assert leftovers(outs["sigkill"]) == []
     assert_loads_as(outs["sigkill"], zoo, 0.2)
+
+
+# --- the moment of the move --------------------------------------------------------------------
+
+
+def is_commit(source, target) -> bool:
+    """A rename of the move into place, not mergekit's renaming of shards in the staging folder."""
+    return ".expo-staging-" not in str(source) or ".expo-staging-" not in str(target)
+
+
+def record_renames(monkeypatch, fail_at: int | None = None) -> list[tuple[str, str]]:
+    """Watch (and optionally break at call ``fail_at``) the renames of ``output.commit``."""
+    import mergekit_expo.merge.output as output
+
+    calls: list[tuple[str, str]] = []
+    failed: list[int] = []
+    real = os.rename
+
+    def rename(source, target):
+        if not is_commit(source, target):
+            return real(source, target)
+        if fail_at is not None and len(calls) == fail_at and not failed:
+            failed.append(fail_at)  # once: the rename back must work
+            raise OSError(5, "injected: Input/output error")
+        calls.append((str(source), str(target)))
+        real(source, target)
+
+    monkeypatch.setattr(output.os, "rename", rename)
+    return calls
+
+
+def test_earlier_config_goes_aside_first_and_the_new_config_comes_in_last(
+    zoo, tmp_path, earlier, monkeypatch
+):
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    config = expo(zoo, 0.2)
+    calls = record_renames(monkeypatch)
+    run_merge_in_process(config, out)
+    assert calls[0][0] == str(out / "config.json") and ".out.expo-old-" in calls[0][1]
+    assert calls[-1][1] == str(out / "config.json") and ".out.expo-staging-" in calls[-1][0]
+    went_aside = [source for source, target in calls if ".out.expo-old-" in target]
+    assert sorted(Path(p).name for p in went_aside) == sorted(os.listdir(earlier))
+
+
+def test_an_error_while_moving_restores_the_earlier_model(zoo, tmp_path, earlier, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    before, config = snapshot(out), expo(zoo, 0.2)
+    moves_aside = len(os.listdir(earlier))
+    record_renames(monkeypatch, fail_at=moves_aside + 2)  # two new files are in already
+    with pytest.raises(OSError, match="injected"):
+        run_merge_in_process(config, out)
+    assert snapshot(out) == before
+    assert leftovers(out) == []
+
+
+def test_signal_while_moving_is_delivered_after_the_move(zoo, tmp_path, earlier, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    config = expo(zoo, 0.2)
+    calls = record_renames(monkeypatch)
+    import mergekit_expo.merge.output as output
+
+    watched = output.os.rename
+
+    def rename(source, target):
+        if not calls and is_commit(source, target):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the first file moves
+        watched(source, target)
+
+    monkeypatch.setattr(output.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        run_merge_in_process(config, out)
+    assert set(os.listdir(out)) == expected_files(out)
+    assert_loads_as(out, zoo, 0.2)
+
+
+def test_leftovers_of_a_dead_process_are_removed_by_the_next_merge(zoo, tmp_path):
+    dead = _dead_pid()
+    out = tmp_path / "out"
+    for name in (f".out.expo-staging-{dead}-abc123", f".out.expo-old-{dead}-abc123"):
+        (tmp_path / name / "out").mkdir(parents=True)
+        (tmp_path / name / "out" / "config.json").write_text("{}")
+    alive = tmp_path / f".out.expo-staging-{os.getppid()}-def456"  # a merge still running
+    alive.mkdir()
+    run_merge_in_process(expo(zoo, 0.2), out)
+    assert leftovers(out) == [alive.name]
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

@@ -133,19 +133,33 @@ def remove_leftovers(out: Path) -> None:
 
 
 def commit(stage: Path, out: Path, aside: Path) -> None:
-    """Move the earlier model in ``out`` aside, the staged one in, then delete the earlier one."""
+    """Move the earlier model in ``out`` aside, the staged one in, then delete the earlier one.
+
+    An error on the way moves back what was moved, so that ``out`` is as it was.
+    """
     new = sorted(os.listdir(stage), key=lambda name: name == "config.json")  # config.json last
-    if out.is_dir():
-        old = [name for name in os.listdir(out) if is_model_file(name) or name in new]
-        old.sort(key=lambda name: name != "config.json")  # config.json first
-        if old:
-            aside.mkdir()
+    moved: list[tuple[Path, Path]] = []
+    try:
+        if out.is_dir():
+            old = [name for name in os.listdir(out) if is_model_file(name) or name in new]
+            old.sort(key=lambda name: name != "config.json")  # config.json first
+            if old:
+                aside.mkdir()
             for name in old:
                 os.rename(out / name, aside / name)
-    else:
-        out.mkdir()
-    for name in new:
-        os.rename(stage / name, out / name)
+                moved.append((out / name, aside / name))
+        else:
+            out.mkdir()
+        for name in new:
+            os.rename(stage / name, out / name)
+            moved.append((stage / name, out / name))
+    except BaseException:
+        for source, target in reversed(moved):
+            with contextlib.suppress(OSError):
+                os.rename(target, source)
+        with contextlib.suppress(OSError):
+            aside.rmdir()  # only if everything went back
+        raise
     _fsync_dir(out)
     _fsync_dir(out.parent)
     shutil.rmtree(aside, ignore_errors=True)
