@@ -26,8 +26,10 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-COMMON = '''"""Helpers mergekit's tests import; the sdist lacks this file (written by mergekit-expo's
-tests/mergekit_suite.py from how the tests call them)."""
+COMMON = '''"""Helpers mergekit's tests import; the sdist lacks this file.
+
+Written by mergekit-expo's tests/mergekit_suite.py from how the tests call them.
+"""
 
 import os
 import tempfile
