@@ -89,10 +89,37 @@ def test_a_hooked_module_that_moved_is_named_with_its_feature(caplog):
     assert "vocabulary rows θ₀ lacks" in caplog.text
 
 
-def test_lost_vocabulary_guard_refuses_tokenizer_configs(zoo, tmp_path):
+@pytest.mark.parametrize("tokenizer", [{"tokenizer": {"source": "union"}},
+                                       {"tokenizer_source": "base"}], ids=str)
+def test_lost_vocabulary_guard_refuses_tokenizer_configs(zoo, tmp_path, tokenizer):
     hooks.lose("after_embed", "mergekit has no module mergekit.tokenizer.embed")
     with pytest.raises(RuntimeError, match="vocabulary rows θ₀ lacks .* is off because mergekit"):
-        run_merge_in_process(expo(zoo, tokenizer={"source": "union"}), tmp_path / "out")
+        run_merge_in_process(expo(zoo, **tokenizer), tmp_path / "out")
+
+
+def test_changed_registry_is_named(caplog):
+    registry = types.ModuleType("mergekit.merge_methods")
+    registry.register = lambda method, *, replace=False: None
+    registry.registered_methods = lambda: ()
+    with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
+        hooks.apply("after_merge_methods", registry)
+    assert "`merge_method: expo` is not registered" in caplog.text
+    assert "register takes ('method', 'replace'), not ('method',)" in caplog.text
+
+
+def test_renamed_method_name_of_the_merge_task_turns_the_overflow_guard_off(monkeypatch,
+                                                                            caplog):
+    import mergekit.merge
+    import mergekit.merge_methods.task_adapter as task_adapter
+
+    class ExecuteMergeMethodTask:
+        model_fields = {"merge_method": None}
+
+    monkeypatch.setattr(task_adapter, "ExecuteMergeMethodTask", ExecuteMergeMethodTask)
+    with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
+        hooks.apply("after_merge", mergekit.merge)
+    assert "ExecuteMergeMethodTask has no method_name" in caplog.text
+    assert set(hooks.LOST) == {"after_io_tasks"}
 
 
 def test_changed_run_merge_keeps_mergekit_and_says_outputs_are_written_in_place(

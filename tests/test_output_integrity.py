@@ -99,6 +99,7 @@ def test_rerun_with_another_shard_layout_leaves_exactly_the_new_model(
     run_merge_in_process(expo(zoo, 0.2), out, **second)
     assert set(os.listdir(out)) == expected_files(out) | {"notes.txt", ".git"}
     assert (out / "notes.txt").read_text() == "mine" and (out / ".git" / "HEAD").exists()
+    assert "\n# out\n" in (out / "README.md").read_text()  # the card names OUT, not the staging
     assert leftovers(out) == []
     assert_loads_as(out, zoo, 0.2)
 
@@ -162,6 +163,15 @@ def test_mergekit_multi_reruns_an_interrupted_step(zoo, tmp_path, monkeypatch):
     assert_loads_as(done, zoo, 0.2)
 
 
+def test_model_files_are_those_the_docs_list():
+    names = ["config.json", "generation_config.json", "README.md", "mergekit_config.yml",
+             "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json", "model.safetensors", "model-00001-of-00002.safetensors",
+             "pytorch_model.bin", "x.pt", "x.pth", "x.gguf", "model.safetensors.index.json"]
+    assert [name for name in names if not is_model_file(name)] == []
+    assert not is_model_file("notes.txt") and not is_model_file(".git")
+
+
 def test_non_expo_merges_are_left_to_mergekit(zoo, tmp_path, monkeypatch):
     import mergekit_expo.merge.output as output
 
@@ -221,7 +231,7 @@ def test_interrupted_or_failed_mergekit_yaml_leaves_no_mixed_or_incomplete_model
     config = write_config(tmp_path / "expo.yml", expo(zoo, 0.2))
     outs = {name: tmp_path / name for name in
             ("sigint", "sigterm", "sigkill", "after_weights", "tokenizer", "ulimit")}
-    for name in ("sigint", "sigkill", "tokenizer", "ulimit"):  # an earlier model is there
+    for name in ("sigint", "sigterm", "sigkill", "tokenizer", "ulimit"):  # an earlier model
         shutil.copytree(earlier, outs[name])
     before = snapshot(earlier)
 
@@ -260,11 +270,11 @@ def test_interrupted_or_failed_mergekit_yaml_leaves_no_mixed_or_incomplete_model
     problems = [f"{name}: {outcomes[name]!r}" for name, start in expected.items()
                 if not outcomes[name].startswith(start)]
     # an earlier complete model is untouched; where there was none, no model file appeared
-    problems += [f"{name}: earlier model changed" for name in ("sigint", "sigkill", "tokenizer",
-                                                               "ulimit")
+    problems += [f"{name}: earlier model changed" for name in ("sigint", "sigterm", "sigkill",
+                                                               "tokenizer", "ulimit")
                  if snapshot(outs[name]) != before]
-    problems += [f"{name}: {model_files(outs[name])}" for name in ("sigterm", "after_weights")
-                 if model_files(outs[name])]
+    problems += [f"after_weights: {model_files(outs['after_weights'])}"
+                 for _ in [0] if model_files(outs["after_weights"])]
     problems += [f"{name}: {leftovers(outs[name])}" for name in outs
                  if name != "sigkill" and leftovers(outs[name])]
     assert problems == [], "\n".join(problems)
@@ -272,6 +282,7 @@ def test_interrupted_or_failed_mergekit_yaml_leaves_no_mixed_or_incomplete_model
     # SIGKILL leaves the staging folder (hidden, beside OUT); the next merge into OUT removes it
     (staging,) = leftovers(outs["sigkill"])
     assert staging.startswith(".sigkill.expo-staging-")
+    assert os.listdir(tmp_path / staging) == ["sigkill"]
     run_merge_in_process(expo(zoo, 0.2), outs["sigkill"])
     assert leftovers(outs["sigkill"]) == []
     assert_loads_as(outs["sigkill"], zoo, 0.2)
