@@ -41,7 +41,7 @@ class _HookedLoader:
         self._loader.exec_module(module)
         from mergekit_expo.merge import hooks
 
-        hooks.run_hook(self._hook, module)
+        hooks.run_hook(self._hook, module, AFTER_IMPORT)
 
     def __getattr__(self, name: str):
         return getattr(self._loader, name)

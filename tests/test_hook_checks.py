@@ -5,6 +5,7 @@ each test) or stood in for by a throwaway object; the hooks then run as at start
 from __future__ import annotations
 
 import logging
+import sys
 import types
 
 import pytest
@@ -76,13 +77,19 @@ def test_save_tensor_wrapper_refuses_when_it_cannot_read_the_method(monkeypatch)
 
 
 def test_a_hooked_module_that_moved_is_named_with_its_feature(caplog):
+    assert "mergekit.scripts.extract_lora" not in sys.modules
+    import mergekit.merge_methods
+
+    table = {
+        "mergekit.merge_methods": "after_merge_methods",
+        "mergekit.scripts.extract_lora": "after_card",  # there (not imported): no loss
+        "mergekit.io.tasks_v2": "after_io_tasks",
+        "mergekit.tokenizers.embed": "after_embed",
+    }
     with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
-        hooks.check_hooked_modules({
-            "mergekit.scripts.extract_lora": "after_card",  # there (not imported): no loss
-            "mergekit.io.tasks_v2": "after_io_tasks",
-            "mergekit.tokenizers.embed": "after_embed",
-        })
+        hooks.run_hook("after_merge_methods", mergekit.merge_methods, table)
     assert set(hooks.LOST) == {"after_io_tasks", "after_embed"}
+    assert "mergekit.scripts.extract_lora" not in sys.modules  # looked up, not imported
     assert "mergekit has no module mergekit.io.tasks_v2" in caplog.text
     assert "the out_dtype overflow guard is off" in caplog.text
     assert "mergekit has no module mergekit.tokenizers.embed" in caplog.text
@@ -139,10 +146,11 @@ def test_changed_run_merge_keeps_mergekit_and_says_outputs_are_written_in_place(
 
 def test_the_installed_mergekit_loses_nothing():
     import mergekit.merge  # noqa: F401 - every hooked module is imported with it
+    import mergekit.merge_methods
 
     from mergekit_expo import register
     from mergekit_expo._startup import AFTER_IMPORT
 
     register()
-    hooks.check_hooked_modules(AFTER_IMPORT)
+    hooks.run_hook("after_merge_methods", mergekit.merge_methods, AFTER_IMPORT)
     assert hooks.LOST == {}

@@ -6,7 +6,8 @@
 - ``roles``: the one rule for who is θ₀, θ_T and an intermediate (per tensor, per config slice);
 - ``parameters``: the YAML parameters, their defaults and validation;
 - ``guards``: non-finite refusals, the relatedness warning, vocabulary rows θ₀ lacks;
-- ``card``: the model-card section; ``hooks``: registration and the mergekit extensions.
+- ``card``: the model-card section; ``hooks``: registration and the mergekit extensions;
+- ``output``: the output folder, staged and moved into place only when complete.
 
 This ``__init__`` is imported at interpreter start-up (for :data:`METHOD_NAME`), so it imports
 nothing: torch and mergekit come in with the submodules.

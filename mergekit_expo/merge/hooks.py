@@ -1,4 +1,4 @@
-"""How ``expo`` joins the unmodified mergekit tools: registration plus three small extensions.
+"""How ``expo`` joins the unmodified mergekit tools: registration plus four small extensions.
 
 Each ``after_*`` function runs right after the module it names has executed (the start-up hook,
 ``mergekit_expo._startup``, lists them), or from ``mergekit_expo.register()``. All are
@@ -58,10 +58,16 @@ FEATURES = {
 LOST: dict[str, str] = {}
 
 
-def run_hook(hook: str, module: ModuleType) -> None:
-    """Run one ``after_*`` hook; a failure leaves mergekit usable and says what is lost."""
+def run_hook(hook: str, module: ModuleType, table: dict[str, str]) -> None:
+    """Run one ``after_*`` hook; a failure leaves mergekit usable and says what is lost.
+
+    With the registry (imported by every merge), the other modules of the start-up hook's
+    ``table`` are looked up too, so that one that moved is named rather than silently missed.
+    """
     try:
         apply(hook, module)
+        if hook == "after_merge_methods":
+            check_hooked_modules(table)
     except Exception as error:  # noqa: BLE001 - never break mergekit's own import
         lose(hook, f"extending {module.__name__} failed ({type(error).__name__}: {error})")
 
@@ -145,10 +151,8 @@ def after_merge_methods(merge_methods: ModuleType) -> None:
     method_module = sys.modules.get("mergekit_expo.merge.method")
     if method_module is not None and not hasattr(method_module, "expo_method"):
         return  # merge.method is importing mergekit right now: after_method registers it
-    from mergekit_expo._startup import AFTER_IMPORT
     from mergekit_expo.merge.method import expo_method
 
-    check_hooked_modules(AFTER_IMPORT)
     if not (
         _expect(merge_methods, "register", ("method",), "after_merge_methods")
         and _expect(merge_methods, "registered_methods", (), "after_merge_methods")
