@@ -139,11 +139,13 @@ def kernel(elements, threads):
 @main.command()
 @click.option("--runs", type=int, default=40, show_default=True,
               help="Interpreter starts per variant (interleaved); the medians are compared.")
-def startup(runs):
+@click.option("--wait-quiet", type=float, default=None,
+              help="First wait until other processes keep fewer than this many cores busy.")
+def startup(runs, wait_quiet):
     """What the start-up hook (mergekit_expo.pth) adds to every Python process."""
     from benchmarks.startup import main as startup_main
 
-    click.echo(startup_main(runs))
+    click.echo(startup_main(runs, wait_quiet))
 
 
 if __name__ == "__main__":

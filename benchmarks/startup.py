@@ -68,9 +68,13 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "MERGEKIT_EXPO_DISABLE"}
 
 
-def main(runs: int) -> str:
+def main(runs: int, wait_quiet: float | None = None) -> str:
+    from benchmarks.measure import machine_busy, wait_until_quiet
+
     if runs < 3:
         raise SystemExit("--runs must be at least 3")
+    if wait_quiet is not None:
+        wait_until_quiet(wait_quiet, timeout=900)
     if not (Path(sysconfig.get_paths()["purelib"]) / PLUGIN_PTH).exists():
         raise SystemExit(f"{PLUGIN_PTH} is not installed in this environment")
     with tempfile.TemporaryDirectory(prefix="expo-startup-") as tmp:
@@ -78,6 +82,7 @@ def main(runs: int) -> str:
         plugged = sys.executable
         for python in (bare, plugged):  # warm the page cache and the .pyc files
             start_time(python)
+        busy = machine_busy(1.0)
         times: dict[str, list[float]] = {"plugged": [], "bare": []}
         for index in range(runs):
             pair = [("plugged", plugged), ("bare", bare)]
@@ -89,7 +94,8 @@ def main(runs: int) -> str:
     added = plugged_ms - bare_ms
     return "\n".join(
         [
-            f"python -c pass, {runs} interleaved runs each (median):",
+            f"python -c pass, {runs} interleaved runs each (median); "
+            f"{busy:.1f} cores busy before the runs:",
             f"  without the plugin's .pth: {bare_ms:.1f} ms",
             f"  with it:                   {plugged_ms:.1f} ms",
             f"  added by the start-up hook: {added:+.1f} ms (target <= 3 ms)",

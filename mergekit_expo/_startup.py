@@ -24,6 +24,7 @@ AFTER_IMPORT = {
     "mergekit.tokenizer.embed": "after_embed",
     "mergekit.io.tasks": "after_io_tasks",
     "mergekit.merge": "after_merge",
+    "mergekit.scripts.multimerge": "after_multimerge",
 }
 
 

@@ -42,7 +42,7 @@ SMALLEST = {
         "--results-dir {tmp}/results"
     ),
     "python benchmarks/agreement.py": "benchmarks/agreement.py",
-    "python -m benchmarks startup": "-m benchmarks startup --runs 3",
+    "python -m benchmarks startup --wait-quiet 0.5": "-m benchmarks startup --runs 3",
     "python benchmarks/search_bench.py --workdir /tmp/sbench --threads 1 --repeat 5": (
         SEARCH_BENCH_SMALL
     ),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -170,6 +171,35 @@ def test_model_files_are_those_the_docs_list():
              "pytorch_model.bin", "x.pt", "x.pth", "x.gguf", "model.safetensors.index.json"]
     assert [name for name in names if not is_model_file(name)] == []
     assert not is_model_file("notes.txt") and not is_model_file(".git")
+
+
+def test_mergekit_multi_merges_again_a_step_whose_folder_holds_another_config(
+    zoo, tmp_path, caplog
+):
+    """A lazy run skips a step whose folder holds a model, unless it came from another config."""
+    from mergekit.scripts.multimerge import main as mergekit_multi
+
+    def run(alpha, *options, steps="steps"):
+        step = {"name": "step", **expo(zoo, alpha)}
+        config = tmp_path / f"multi{alpha}.yml"
+        config.write_text(json.dumps(step) + "\n")
+        mergekit_multi([str(config), "-I", str(tmp_path / steps), *options],
+                       standalone_mode=False)
+
+    run(0.5)
+    done = tmp_path / "steps" / "step"
+    card = (done / "README.md").stat().st_mtime_ns
+    run(0.5)  # the same config: skipped as done
+    assert (done / "README.md").stat().st_mtime_ns == card
+    with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
+        run(0.2)
+    assert "holds a model merged from another config; merging it again" in caplog.text
+    assert set(os.listdir(done)) == expected_files(done)
+    assert_loads_as(done, zoo, 0.2)
+    # without a model card there is nothing to compare: mergekit's rule (skip) stands
+    run(0.5, "--no-write-model-card", steps="bare")
+    run(0.2, "--no-write-model-card", steps="bare")
+    assert_loads_as(tmp_path / "bare" / "step", zoo, 0.5)
 
 
 def test_non_expo_merges_are_left_to_mergekit(zoo, tmp_path, monkeypatch):

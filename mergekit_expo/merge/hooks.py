@@ -1,4 +1,4 @@
-"""How ``expo`` joins the unmodified mergekit tools: registration plus four small extensions.
+"""How ``expo`` joins the unmodified mergekit tools: registration plus five small extensions.
 
 Each ``after_*`` function runs right after the module it names has executed (the start-up hook,
 ``mergekit_expo._startup``, lists them), or from ``mergekit_expo.register()``. All are
@@ -13,6 +13,8 @@ import theirs when they run, because mergekit may still be half-imported when th
 - ``mergekit.io.tasks``: refuse a non-finite tensor after the ``out_dtype`` cast.
 - ``mergekit.merge``: an expo merge writes into a staging folder and moves into place only when
   complete (``merge.output``).
+- ``mergekit.scripts.multimerge``: a lazy run does not skip an expo step whose folder holds a
+  model merged from another config.
 
 Each hook first checks that what it wraps is still there with the signature it calls
 (``_expect``). On a mismatch, or when a hooked module cannot be found, it leaves mergekit as it
@@ -51,6 +53,9 @@ FEATURES = {
     "after_merge": (
         "expo merges write into the output folder in place: an interrupted merge can leave an "
         "incomplete or mixed model there"
+    ),
+    "after_multimerge": (
+        "mergekit-multi skips an expo step whose folder holds a model merged from another config"
     ),
 }
 # Features lost in this process (hook -> why). Process-wide like the hooks themselves: what
@@ -282,6 +287,8 @@ def after_merge(merge: ModuleType) -> None:
             from mergekit_expo.merge.output import staged
 
             refuse_without_lost_guards(merge_config)
+            if config_source is None:  # before mergekit rewrites the config into slices
+                config_source = merge_config.to_yaml()
 
             with staged(out_path) as staging:
                 return original(merge_config, staging, options=options,
@@ -294,6 +301,55 @@ def after_merge(merge: ModuleType) -> None:
         holder = sys.modules.get(name)  # imported before us: holds the unwrapped function
         if holder is not None and hasattr(holder, "run_merge"):
             holder.run_merge = run_merge
+
+
+def after_multimerge(multimerge: ModuleType) -> None:
+    task = getattr(multimerge, "MergeModelTask", None)
+    if task is None:
+        return lose("after_multimerge", "mergekit's mergekit.scripts.multimerge has no "
+                    "MergeModelTask")
+    if not (
+        _expect(task, "execute", ("self", "kwargs"), "after_multimerge")
+        and _expect_fields(task, ("config_yaml", "out_path", "lazy", "name"), "after_multimerge")
+    ):
+        return
+
+    def wrap(original: Callable) -> Callable:
+        def execute(self, **kwargs):
+            if self.lazy and _stale_expo_step(self.config_yaml, self.out_path):
+                LOG.warning(
+                    "mergekit-multi step %s: %s holds a model merged from another config; "
+                    "merging it again", self.name, self.out_path,
+                )
+                return original(self.model_copy(update={"lazy": False}), **kwargs)
+            return original(self, **kwargs)
+
+        return execute
+
+    _wrap_once(task, "execute", wrap)
+
+
+def _stale_expo_step(config_yaml: str, out_path: str) -> bool:
+    """The step's folder holds a model whose ``mergekit_config.yml`` is not this step's config.
+
+    mergekit-multi calls ``run_merge`` without the config's text; ``after_merge`` then passes
+    ``MergeConfiguration.to_yaml()`` of the config as given (mergekit would write it after
+    rewriting models into slices). Without a model card there is nothing to compare and
+    mergekit's own rule (a config.json and weights mean done) stands.
+    """
+    import os
+
+    import yaml
+    from mergekit.config import MergeConfiguration
+
+    written = os.path.join(out_path, "mergekit_config.yml")
+    if not os.path.exists(os.path.join(out_path, "config.json")) or not os.path.exists(written):
+        return False
+    config = MergeConfiguration.model_validate(yaml.safe_load(config_yaml))
+    if not uses_expo(config):
+        return False
+    with open(written, encoding="utf-8") as handle:
+        return handle.read() != config.to_yaml()
 
 
 def uses_expo(merge_config: Any) -> bool:
