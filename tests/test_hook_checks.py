@@ -154,3 +154,19 @@ def test_the_installed_mergekit_loses_nothing():
     register()
     hooks.run_hook("after_merge_methods", mergekit.merge_methods, AFTER_IMPORT)
     assert hooks.LOST == {}
+
+
+def test_changed_multimerge_task_is_named(caplog):
+    class MergeModelTask:  # `lazy` renamed
+        model_fields = {"config_yaml": None, "out_path": None, "skip_done": None, "name": None}
+
+        def execute(self, **kwargs):
+            return None
+
+    moved = types.ModuleType("mergekit.scripts.multimerge")
+    moved.MergeModelTask = MergeModelTask
+    with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
+        hooks.apply("after_multimerge", moved)
+    assert "MergeModelTask has no ['lazy']" in caplog.text
+    assert "mergekit-multi skips an expo step whose folder holds a model merged from another" \
+        in caplog.text

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
@@ -125,7 +126,7 @@ def remove_leftovers(out: Path) -> None:
     if not out.parent.is_dir():
         return
     for marker in (STAGING, ASIDE):
-        for path in out.parent.glob(f".{out.name}{marker}*"):
+        for path in out.parent.glob(f".{glob.escape(out.name)}{marker}*"):
             pid = path.name[len(out.name) + 1 + len(marker):].split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
                 LOG.info("removing %s, left by an interrupted merge", path)
