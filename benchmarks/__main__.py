@@ -148,5 +148,24 @@ def startup(runs, wait_quiet):
     click.echo(startup_main(runs, wait_quiet))
 
 
+@main.command()
+@click.option("--params", default="500M", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True)
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_RESULTS / "staging", show_default=True,
+              help="Where the merged model is written (and deleted).")
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--wait-quiet", type=float, default=None)
+def staging(params, cache_dir, work_dir, repeats, wait_quiet):
+    """What writing through a staging folder adds to an expo merge (same process, in turn)."""
+    from benchmarks.staging import main as staging_main
+    from benchmarks.synthetic import parse_count
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    click.echo(staging_main(parse_count(params), cache_dir.resolve(), work_dir.resolve(),
+                            repeats, wait_quiet))
+
+
 if __name__ == "__main__":
     sys.exit(main())
