@@ -43,6 +43,10 @@ SMALLEST = {
     ),
     "python benchmarks/agreement.py": "benchmarks/agreement.py",
     "python -m benchmarks startup": "-m benchmarks startup --runs 3",
+    "python -m benchmarks staging": (
+        "-m benchmarks staging --params 2M --repeats 1 --cache-dir {tmp}/cache "
+        "--work-dir {tmp}/work"
+    ),
     "python benchmarks/search_bench.py --workdir /tmp/sbench --threads 1 --repeat 5": (
         SEARCH_BENCH_SMALL
     ),
@@ -55,6 +59,7 @@ EXPECTED = {
     SMALLEST["python -m benchmarks breakdown --wait-quiet 0.3"]: r"\| merge method \(kernel",
     "benchmarks/agreement.py": r"iterative alpha=1\.7 lambda=0\.2: expo 99\.99",
     "-m benchmarks startup --runs 3": r"added by the start-up hook: [+-]\d+\.\d ms wall",
+    SMALLEST["python -m benchmarks staging"]: r"re-run: +in place \(mergekit alone\) [\d.]+ s",
     SEARCH_BENCH_SMALL: r'"scores_identical": true',
 }
 

@@ -10,7 +10,7 @@ runs mergekit's ``run_merge`` into a staging folder instead,
 on the same filesystem (same name, so mergekit's model card names the model as before), then
 checks it (every JSON parses, every safetensors file is as long as its header says, the index
 names only shards that are there, tokenizer files are not empty, the tokenizer copy did not hit
-a disk error), flushes it to disk and moves it into place file by file:
+a disk error) and moves it into place file by file:
 
 1. the model files of the earlier merge in OUT (``config.json`` first, so that it stops loading
    at once) go aside into ``PARENT/.OUT.expo-old-PID-XXXXXX/``;
@@ -21,6 +21,11 @@ A file in OUT that no model has (``.git``, notes) stays. SIGINT and SIGTERM are 
 these renames (milliseconds) and delivered after them. Any failure before step 1 deletes the
 staging folder and leaves OUT untouched; SIGKILL leaves the staging folder, which the next expo
 merge into the same OUT deletes (when the process that made it is gone).
+
+Nothing is fsynced, as mergekit fsyncs nothing: these guarantees are about the process failing,
+and what it wrote stays in the kernel's page cache when it dies. Flushing the staged model
+before the move would also cover an OS crash or a power cut, but would make every merge wait
+for its whole output to reach the disk.
 """
 
 from __future__ import annotations
@@ -108,7 +113,6 @@ def staged(out_path: str) -> Iterator[str]:
             yield str(stage)
             watcher.raise_disk_error()
             verify(stage)
-            _fsync_tree(stage)
             with _signals_held():
                 commit(stage, out, out.parent / f".{out.name}{ASIDE}{tag}")
     except Terminated as terminated:
@@ -161,8 +165,6 @@ def commit(stage: Path, out: Path, aside: Path) -> None:
         with contextlib.suppress(OSError):
             aside.rmdir()  # only if everything went back
         raise
-    _fsync_dir(out)
-    _fsync_dir(out.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -219,26 +221,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_tree(folder: Path) -> None:
-    for name in os.listdir(folder):
-        path = folder / name
-        if path.is_file():
-            descriptor = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _in_main_thread() -> bool:
