@@ -25,6 +25,14 @@ def expo(zoo, **extra) -> dict:
             "models": [{"model": str(zoo.dpo)}], "parameters": {"alpha": 0.3}, **extra}
 
 
+def stand_in(module: str, name: str, fields: tuple[str, ...], execute) -> types.ModuleType:
+    """A throwaway module holding a task class like mergekit's, with these fields and execute."""
+    stand = types.ModuleType(module)
+    setattr(stand, name, type(name, (), {"model_fields": dict.fromkeys(fields),
+                                         "execute": execute}))
+    return stand
+
+
 def test_changed_signature_is_named_and_left_unwrapped(monkeypatch, caplog):
     import mergekit.card
 
@@ -43,16 +51,15 @@ def test_changed_signature_is_named_and_left_unwrapped(monkeypatch, caplog):
 def test_renamed_save_tensor_field_turns_the_overflow_guard_into_a_refusal(
     zoo, tmp_path, caplog
 ):
-    class SaveTensor:  # mergekit's task with `dtype` renamed to `cast_to`
-        model_fields = {"cast_to": None, "tensor_task": None, "tensor_name": None}
+    def execute(self, writer, tensor):
+        return None
 
-        def execute(self, writer, tensor):
-            return None
-
-    moved = types.ModuleType("mergekit.io.tasks")
-    moved.SaveTensor = SaveTensor
+    # mergekit's task with `dtype` renamed to `cast_to`
+    moved = stand_in("mergekit.io.tasks", "SaveTensor", ("cast_to", "tensor_task", "tensor_name"),
+                     execute)
     with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
         hooks.apply("after_io_tasks", moved)
+    SaveTensor = moved.SaveTensor
     assert "the out_dtype overflow guard is off" in caplog.text
     assert "SaveTensor has no ['dtype']" in caplog.text
     assert not getattr(SaveTensor.execute, "__mergekit_expo__", False)
@@ -157,14 +164,11 @@ def test_the_installed_mergekit_loses_nothing():
 
 
 def test_changed_multimerge_task_is_named(caplog):
-    class MergeModelTask:  # `lazy` renamed
-        model_fields = {"config_yaml": None, "out_path": None, "skip_done": None, "name": None}
+    def execute(self, **kwargs):
+        return None
 
-        def execute(self, **kwargs):
-            return None
-
-    moved = types.ModuleType("mergekit.scripts.multimerge")
-    moved.MergeModelTask = MergeModelTask
+    moved = stand_in("mergekit.scripts.multimerge", "MergeModelTask",  # `lazy` renamed
+                     ("config_yaml", "out_path", "skip_done", "name"), execute)
     with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
         hooks.apply("after_multimerge", moved)
     assert "MergeModelTask has no ['lazy']" in caplog.text
