@@ -227,6 +227,10 @@ def test_verify_refuses_truncated_weights_missing_shards_and_empty_tokenizer(zoo
     (folder / "tokenizer_config.json").write_text("")
     with pytest.raises(IncompleteOutputError, match="tokenizer_config.json is not valid JSON"):
         verify(folder)
+    shutil.copy(zoo.sft / "tokenizer_config.json", folder / "tokenizer_config.json")
+    (folder / "merges.txt").write_text("")
+    with pytest.raises(IncompleteOutputError, match="tokenizer file merges.txt is empty"):
+        verify(folder)
     shards = tmp_path / "shards"
     shutil.copytree(earlier, shards)
     (shards / "model-00003-of-00016.safetensors").unlink()
