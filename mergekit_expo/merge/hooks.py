@@ -11,6 +11,12 @@ import theirs when they run, because mergekit may still be half-imported when th
 - ``mergekit.card``: add a section naming θ₀, θ_T, the intermediates, α and λ to the card.
 - ``mergekit.tokenizer.embed``: remember vocabulary rows the reference lacks (``guards``).
 - ``mergekit.io.tasks``: refuse a non-finite tensor after the ``out_dtype`` cast.
+- ``mergekit.architecture``: check an expo config and its inputs' headers (``validation``)
+  before mergekit reads anything; ``mergekit.plan``: check the planned merge (filters, tensors
+  it would drop) before any tensor is read; ``mergekit.scripts.multimerge``: check every expo
+  step of a ``mergekit-multi`` file before the first one runs.
+- ``mergekit.merge_methods.task_adapter``: hand the kernel the vocabulary rows recorded for its
+  own input task (``guards``), whatever device mergekit copied the tensors to.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -94,7 +101,7 @@ def after_embed(embed: ModuleType) -> None:
             base = self.base_model
             if base is not None and base in result and base in tokenizer_info.permutations:
                 record_rows_reference_lacks(
-                    result[base],
+                    self,
                     tokenizer_info.permutations[base],
                     list(tokenizer_info.tokenizer.get_vocab().values()),
                 )
@@ -127,6 +134,95 @@ def after_io_tasks(tasks: ModuleType) -> None:
         return execute
 
     _wrap_once(tasks.SaveTensor, "execute", wrap)
+
+
+def after_task_adapter(task_adapter: ModuleType) -> None:
+    def wrap(original: Callable) -> Callable:
+        def execute(self, tensors, **kwargs):
+            if self.method_name != METHOD_NAME:
+                return original(self, tensors=tensors, **kwargs)
+            from mergekit_expo.merge.guards import rows_reference_lacks_for
+
+            with rows_reference_lacks_for(self.gather_tensors):
+                return original(self, tensors=tensors, **kwargs)
+
+        return execute
+
+    _wrap_once(task_adapter.ExecuteMergeMethodTask, "execute", wrap)
+
+
+def after_architecture(architecture: ModuleType) -> None:
+    def wrap(original: Callable) -> Callable:
+        def get_architecture_info(config, options):
+            if getattr(config, "merge_method", None) == METHOD_NAME:
+                from mergekit_expo.merge.guards import forget_rows_reference_lacks
+                from mergekit_expo.merge.validation import (
+                    config_findings,
+                    input_findings,
+                    raise_errors,
+                )
+
+                forget_rows_reference_lacks()
+                raise_errors(config_findings(config))
+                raise_errors(input_findings(config, options))
+            return original(config, options)
+
+        return get_architecture_info
+
+    function = _wrap_once(architecture, "get_architecture_info", wrap)
+    merge = sys.modules.get("mergekit.merge")
+    if merge is not None:  # imported before us: it holds the unwrapped function by name
+        merge.get_architecture_info = function
+
+
+def after_plan(plan: ModuleType) -> None:
+    def wrap(original: Callable) -> Callable:
+        def plan_to_disk(self, out_path):
+            tasks = original(self, out_path=out_path)
+            if getattr(self.config, "merge_method", None) == METHOD_NAME:
+                from mergekit.io.tasks import LoaderCache
+
+                from mergekit_expo.merge.validation import (
+                    plan_findings,
+                    planned_tensors,
+                    raise_errors,
+                )
+
+                models = self.config.referenced_models()
+                names = {m: LoaderCache().get(m).index.tensor_paths.keys() for m in models}
+                raise_errors(plan_findings(self.config, planned_tensors(tasks), names))
+            return tasks
+
+        return plan_to_disk
+
+    _wrap_once(plan.MergePlanner, "plan_to_disk", wrap)
+
+
+def after_multimerge(multimerge: ModuleType) -> None:
+    def wrap(original: Callable) -> Callable:
+        def make_tasks(merge_configs, dependencies, merge_options, intermediate_dir, *args):
+            from mergekit_expo.merge.validation import (
+                config_findings,
+                device_findings,
+                path_findings,
+                raise_errors,
+                uses_expo,
+            )
+
+            steps = [name for name in merge_configs if name is not None]
+            produced = [os.path.join(intermediate_dir, name) for name in steps]
+            for name, config in merge_configs.items():
+                if uses_expo(config):
+                    findings = config_findings(config) + path_findings(config, produced=produced)
+                    raise_errors(
+                        findings + device_findings(merge_options),
+                        context=f"mergekit-multi step {name or '(final, unnamed)'}",
+                    )
+            return original(merge_configs, dependencies, merge_options, intermediate_dir, *args)
+
+        return make_tasks
+
+    _wrap_once(multimerge, "make_tasks", wrap)
 
 
 def _wrap_once(owner: Any, name: str, wrap: Callable[[Callable], Callable]) -> Callable:
