@@ -1,0 +1,64 @@
+"""Exact on every path (issue 9, item 4): device copies and mixed dtypes change nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_merge_in_process
+from reference import load
+
+
+def expo_config(base, *models, **parameters) -> dict:
+    return {
+        "merge_method": "expo",
+        "base_model": str(base),
+        "models": [{"model": str(m)} for m in models],
+        "parameters": parameters,
+    }
+
+
+@pytest.fixture
+def executor_copies_tensors(monkeypatch):
+    """Fault injector: mergekit's device move returns a copy, as it does with --cuda/--device.
+
+    On CPU the executor hands tasks the very tensor objects; on an accelerator it hands copies.
+    This makes the CPU behave like the accelerator case; the merge itself is unchanged.
+    """
+    from mergekit.graph import Executor
+
+    original = Executor._move_tensors
+
+    def copy_everything(value):
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, dict):
+            return {k: copy_everything(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy_everything(v) for v in value)
+        return value
+
+    def move(self, value, device, non_blocking=None):
+        return copy_everything(original(self, value, device, non_blocking))
+
+    monkeypatch.setattr(Executor, "_move_tensors", move)
+
+
+def _vocab(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir)).get_vocab()
+
+
+def test_union_rows_reference_lacks_survive_device_copies(zoo, tmp_path, executor_copies_tensors):
+    """θ₀ lacks the token; mergekit invents its row as the mean of the models that have it
+    (θ₁, θ₂), so without the guard the row would be extrapolated against that mean."""
+    added = ["<|tool|>"]
+    it1 = zoo.relative("iter_tok1", zoo.sft, seed=21, add_tokens=added)
+    it2 = zoo.relative("iter_tok2", it1, seed=22, scale=0.01)
+    config = expo_config(zoo.sft, it1, it2, alpha=0.4, **{"lambda": 0.3})
+    config["tokenizer"] = {"source": "union"}
+    out_dir = run_merge_in_process(config, tmp_path / "out")
+    out, final = load(out_dir), load(it2)
+    row_out, row_final = _vocab(out_dir)["<|tool|>"], _vocab(it2)["<|tool|>"]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(out[name][row_out], final[name][row_final]), name
