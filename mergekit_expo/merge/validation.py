@@ -382,17 +382,48 @@ def _read_names(merge_task: Any) -> set[str]:
     return names
 
 
+def layout_names(model_type: str | None, names: Iterable[str]) -> dict[str, str | None]:
+    """Checkpoint name -> the name mergekit plans with (transformers' v5 renames applied).
+
+    mergekit reads older checkpoint layouts through transformers' conversion mapping, e.g.
+    LLaVA's ``vision_tower.*`` as ``model.vision_tower.*``. ``None`` for a name that another
+    kind of conversion (fusing several tensors) consumes: counted as read.
+    """
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    transforms = (get_checkpoint_conversion_mapping(model_type) if model_type else None) or []
+    found = {}
+    for name in names:
+        key: str | None = name
+        for transform in transforms:
+            renamed, pattern = transform.rename_source_key(key)
+            if pattern is not None:
+                key = renamed if isinstance(transform, WeightRenaming) else None
+                if key is None:
+                    break
+        found[name] = key
+    return found
+
+
 def plan_findings(
     config: Any, planned: list[tuple[str, Any]], names_by_model: dict[Any, Iterable[str]]
 ) -> list[Finding]:
-    """Filters that match nothing; tensors every input holds that the merge would not write."""
+    """Filters that match nothing; tensors every input holds that the merge would not write.
+
+    ``names_by_model``: each input's checkpoint tensor names.
+    """
     read = set()
     for _, merge_task in planned:
         read |= _read_names(merge_task)
     findings = filter_findings(config, {name for name, _ in planned} | read)
-    sets = [set(names) for names in names_by_model.values()]
+    sets = []
+    for model, names in names_by_model.items():
+        layout = layout_names(model.config().model_type, names)
+        sets.append({n for n, key in layout.items() if key is not None and key not in read
+                     and n not in read})
     if sets:
-        dropped = sorted(set.intersection(*sets) - read)
+        dropped = sorted(set.intersection(*sets))
         if dropped:
             prefixes = sorted({name.split(".")[0] for name in dropped})
             findings.append(
