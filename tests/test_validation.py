@@ -5,6 +5,7 @@ Each case used to merge with the default α = 0.3 (or drop tensors) and exit 0.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -211,3 +212,45 @@ def test_mergekit_yaml_refuses_a_typo_and_writes_nothing(zoo, tmp_path):
     assert done.returncode != 0
     assert "unknown parameter `alhpa` in parameters; did you mean `alpha`?" in done.stderr
     assert not out.exists()
+
+
+def test_tied_and_untied_inputs_are_refused_at_merge_start(zoo, tmp_path):
+    tied = zoo.base("sft_tied", hidden=256, tie_word_embeddings=True)
+    refused(expo_config(tied, zoo.dpo, alpha=0.3), tmp_path / "out",
+            "the inputs disagree on tied embeddings")
+
+
+def test_mixed_dtypes_without_dtype_are_a_logged_warning(zoo, tmp_path, caplog):
+    dpo32 = zoo.relative("dpo_f32", zoo.sft, seed=1, dtype=torch.float32)
+    with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
+        out = run_merge_in_process(expo_config(zoo.sft, dpo32, alpha=0.3), tmp_path / "out")
+    assert any("common dtype float32 and writes float32" in r.getMessage() for r in caplog.records)
+    assert {t.dtype for t in load(out).values()} == {torch.float32}
+
+
+def test_damaged_headers_and_incomplete_index_are_named(zoo, tmp_path):
+    from mergekit_expo.merge.headers import CheckpointError, read_checkpoint
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(zoo.dpo, corrupt)
+    data = bytearray((corrupt / "model.safetensors").read_bytes())
+    data[8:12] = b"\xff\xfe{{"
+    (corrupt / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="has a corrupt safetensors header"):
+        read_checkpoint(corrupt)
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(zoo.dpo, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    names = list(load(zoo.dpo))
+    weight_map = {n: "model-00001-of-00002.safetensors" for n in names}
+    weight_map[names[0]] = "model-00002-of-00002.safetensors"
+    index = sharded / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors is listed in"):
+        read_checkpoint(sharded)
+    weight_map[names[0]] = "model-00001-of-00002.safetensors"
+    weight_map["model.extra.weight"] = "model-00001-of-00002.safetensors"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="names 1 tensors that its shards do not hold"):
+        read_checkpoint(sharded)
