@@ -308,13 +308,25 @@ def test_search_candidates_round_every_tie_exactly(tie_checkpoints, tmp_path):
 
 
 def test_known_limit_an_exact_zero_comes_out_below_2_pow_minus_50_of_the_inputs():
-    """Where the exact result is 0 (θ₀ = (1+α)/α · m), α's and λ's binary error survives the
-    cancellation: the kernel writes a bf16 number of size ~1e-19 instead of 0. Stated in
-    docs/numerics.md; this pins its size, so that it cannot grow unnoticed."""
-    m = torch.tensor([2.0**-12, -(2.0**-13), 2.0**-4], dtype=torch.bfloat16)
-    theta_final = (m.double() - 6 * 2.0**-20).to(torch.bfloat16)  # λ(θ̄ − θ_T) = 6·2^-20
-    mean = (m.double() + 14 * 2.0**-20).to(torch.bfloat16)
-    theta0 = (3 * m.double()).to(torch.bfloat16)  # α = 1/2: m + (m − 3m)/2 = 0
-    out = extrapolate(theta0, theta_final, [mean], alpha=0.5, lam=0.3)
-    size = theta0.double().abs().max()
-    assert bool((out.double().abs() <= size * 2.0**-50).all())
+    """Where the exact result is 0, λ's binary error survives the cancellation: the kernel
+    writes a bf16 number of size ~1e-19 instead of 0. Stated in docs/numerics.md; this pins
+    it (a fix must update the doc) and its size, so that it cannot grow unnoticed."""
+    rows = [  # θ₀, θ_T, θ₁, θ₂: m = θ_T + 0.3(θ̄ − θ_T) = θ₀/3, so m + (m − θ₀)/2 = 0 exactly
+        (0.000732421875, -0.002685546875, 0.006103515625, 0.008056640625),
+        (-0.0003662109375, 0.0013427734375, -0.0042724609375, -0.0028076171875),
+        (-0.09375, 0.34375, -0.96875, -0.84375),
+    ]
+    theta0, final, first, second = (
+        torch.tensor(column, dtype=torch.bfloat16) for column in zip(*rows, strict=True)
+    )
+    for t0, ft, i1, i2 in rows:
+        exact = _mid(ft, i1, i2) + Fraction(1, 2) * (_mid(ft, i1, i2) - Fraction(t0))
+        assert exact == 0
+    out = extrapolate(theta0, final, [first, second], alpha=0.5, lam=0.3).double()
+    assert bool((out != 0).all())  # the documented limit
+    assert bool((out.abs() <= theta0.double().abs() * 2.0**-50).all())
+
+
+def _mid(final: float, first: float, second: float) -> Fraction:
+    final = Fraction(final)
+    return final + Fraction("0.3") * ((Fraction(first) + Fraction(second)) / 2 - final)
