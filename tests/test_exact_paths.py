@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import test_merge_graph
 import torch
 from conftest import run_merge_in_process
 from reference import load
-
-
-def expo_config(base, *models, **parameters) -> dict:
-    return {
-        "merge_method": "expo",
-        "base_model": str(base),
-        "models": [{"model": str(m)} for m in models],
-        "parameters": parameters,
-    }
+from test_merge_graph import expo_config
 
 
 @pytest.fixture
@@ -43,25 +36,13 @@ def executor_copies_tensors(monkeypatch):
     monkeypatch.setattr(Executor, "_move_tensors", move)
 
 
-def _vocab(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir)).get_vocab()
-
-
 def test_union_rows_reference_lacks_survive_device_copies(zoo, tmp_path, executor_copies_tensors):
     """θ₀ lacks the token; mergekit invents its row as the mean of the models that have it
-    (θ₁, θ₂), so without the guard the row would be extrapolated against that mean."""
-    added = ["<|tool|>"]
-    it1 = zoo.relative("iter_tok1", zoo.sft, seed=21, add_tokens=added)
-    it2 = zoo.relative("iter_tok2", it1, seed=22, scale=0.01)
-    config = expo_config(zoo.sft, it1, it2, alpha=0.4, **{"lambda": 0.3})
-    config["tokenizer"] = {"source": "union"}
-    out_dir = run_merge_in_process(config, tmp_path / "out")
-    out, final = load(out_dir), load(it2)
-    row_out, row_final = _vocab(out_dir)["<|tool|>"], _vocab(it2)["<|tool|>"]
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        assert torch.equal(out[name][row_out], final[name][row_final]), name
+    (θ₁, θ₂), so without the guard the row would be extrapolated against that mean. The same
+    check as in test_merge_graph, with the executor copying tensors as it does on a GPU."""
+    test_merge_graph.test_union_tokens_reference_lacks_keep_final_row_in_iterative_merge(
+        zoo, tmp_path
+    )
 
 
 # -- the search scores exactly what the merge writes, over input dtypes × dtype × out_dtype ----

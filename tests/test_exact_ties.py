@@ -37,6 +37,7 @@ import torch
 from conftest import run_merge_in_process, write_config
 from reference import load
 from safetensors.torch import save_file
+from test_merge_graph import expo_config
 
 from mergekit_expo.merge.formula import extrapolate
 
@@ -236,14 +237,6 @@ def tie_checkpoints(zoo, tmp_path_factory):
                   str(path / "model.safetensors"), metadata={"format": "pt"})
     return names
 
-
-def expo_config(base, *models, **parameters) -> dict:
-    return {
-        "merge_method": "expo",
-        "base_model": str(base),
-        "models": [{"model": str(m)} for m in models],
-        "parameters": parameters,
-    }
 
 
 def assert_exact(out: dict, expected: dict) -> None:

@@ -18,17 +18,9 @@ import yaml
 from click.testing import CliRunner
 from conftest import run_merge_in_process, write_config
 from reference import load
+from test_merge_graph import expo_config
 
 from mergekit_expo.merge.validation import ExpoConfigError
-
-
-def expo_config(base, *models, **parameters) -> dict:
-    return {
-        "merge_method": "expo",
-        "base_model": str(base),
-        "models": [{"model": str(m)} for m in models],
-        "parameters": parameters,
-    }
 
 
 def refused(config: dict, out, match: str, **options) -> str:

@@ -86,10 +86,7 @@ def after_card(card: ModuleType) -> None:
 
         return generate_card
 
-    generate_card = _wrap_once(card, "generate_card", wrap)
-    merge = sys.modules.get("mergekit.merge")
-    if merge is not None:  # imported before us: it holds the unwrapped function by name
-        merge.generate_card = generate_card
+    _rebind_in_merge("generate_card", _wrap_once(card, "generate_card", wrap))
 
 
 def after_embed(embed: ModuleType) -> None:
@@ -170,9 +167,7 @@ def after_architecture(architecture: ModuleType) -> None:
         return get_architecture_info
 
     function = _wrap_once(architecture, "get_architecture_info", wrap)
-    merge = sys.modules.get("mergekit.merge")
-    if merge is not None:  # imported before us: it holds the unwrapped function by name
-        merge.get_architecture_info = function
+    _rebind_in_merge("get_architecture_info", function)
 
 
 def after_plan(plan: ModuleType) -> None:
@@ -223,6 +218,13 @@ def after_multimerge(multimerge: ModuleType) -> None:
         return make_tasks
 
     _wrap_once(multimerge, "make_tasks", wrap)
+
+
+def _rebind_in_merge(name: str, function: Callable) -> None:
+    """``mergekit.merge`` imported before us holds the unwrapped function by name."""
+    merge = sys.modules.get("mergekit.merge")
+    if merge is not None:
+        setattr(merge, name, function)
 
 
 def _wrap_once(owner: Any, name: str, wrap: Callable[[Callable], Callable]) -> Callable:
