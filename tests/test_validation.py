@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import namedtuple
 
 import pytest
 import torch
@@ -246,3 +247,24 @@ def test_damaged_headers_and_incomplete_index_are_named(zoo, tmp_path):
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     with pytest.raises(CheckpointError, match="names 1 tensors that its shards do not hold"):
         read_checkpoint(sharded)
+
+
+def test_not_enough_disk_space_is_refused_before_writing(zoo, tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    refused(expo_config(zoo.sft, zoo.dpo, alpha=0.3), tmp_path / "out",
+            "not enough free disk space for the output")
+
+
+def test_chat_template_that_differs_from_the_aligned_models_is_a_logged_warning(
+    zoo, tmp_path, caplog
+):
+    chat = tmp_path / "dpo_chat"
+    shutil.copytree(zoo.dpo, chat)
+    settings = json.loads((chat / "tokenizer_config.json").read_text())
+    settings["chat_template"] = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    (chat / "tokenizer_config.json").write_text(json.dumps(settings))
+    with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
+        run_merge_in_process(expo_config(zoo.sft, chat, alpha=0.3), tmp_path / "out")
+    expected = f'add this line to the config: tokenizer: {{source: "{chat}"}}'
+    assert any(expected in r.getMessage() for r in caplog.records)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import yaml
 
 from mergekit_expo.merge.headers import TensorHeader
+from mergekit_expo.merge.output import disk_findings, output_bytes, template_findings
 from mergekit_expo.merge.parameters import DEFAULT_WARN_RELATIVE_CHANGE
 from mergekit_expo.merge.roles import slice_roles
 from mergekit_expo.merge.validation import (
@@ -28,9 +27,6 @@ from mergekit_expo.merge.validation import (
     config_findings,
     device_findings,
     header_findings,
-    layout_names,
-    local_dir,
-    model_places,
     path_findings,
     plan_findings,
     planned_tensors,
@@ -42,8 +38,6 @@ from mergekit_expo.merge.validation import (
 # model, enough to tell a DPO-sized move (~1e-3..5e-2 of the norm) from an unrelated model (~1.4).
 SAMPLE_ROWS = 8
 SAMPLE_TENSORS = 4
-# Room kept free beyond the output itself (model card, tokenizer, file system slack).
-DISK_MARGIN = 1.05
 
 
 @dataclass
@@ -80,7 +74,7 @@ def run_check(config_path: Path, out_path: Path | None, *, device: str = "cpu") 
     _relatedness(config, headers, report)
     if planned is not None:
         _disk(config, planned, headers, out_path, report)
-    _chat_template(config, report)
+    report.findings += template_findings(config)
     return report
 
 
@@ -231,119 +225,12 @@ def _relatedness(config, headers, report: Report) -> None:
 
 
 def _disk(config, planned, headers, out_path: Path | None, report: Report) -> None:
-    import torch
-
-    shapes: dict[str, TensorHeader] = {}  # by the name mergekit plans with
-    by_plan_name: dict[Any, dict[str, TensorHeader]] = {}
-    for model, tensors in headers.items():
-        layout = layout_names(model.config().model_type, tensors)
-        by_plan_name[model] = {layout[n] or n: h for n, h in tensors.items()}
-        for name, header in by_plan_name[model].items():
-            shapes.setdefault(name, header)
-    total, unknown = 0, 0
-    for name, _ in planned:
-        header = shapes.get(name)
-        if header is None:
-            unknown += 1
-            continue
-        dtype = config.out_dtype or config.dtype
-        if dtype is None or not header.dtype.startswith(("float", "bfloat")):
-            dtype = header.dtype
-            for tensors in by_plan_name.values():
-                other = tensors.get(name)
-                if other is not None and other.dtype.startswith(("float", "bfloat")):
-                    promoted = torch.promote_types(
-                        getattr(torch, dtype), getattr(torch, other.dtype)
-                    )
-                    dtype = str(promoted).removeprefix("torch.")
-        total += header.numel * getattr(torch, dtype).itemsize
+    total, unknown = output_bytes(config, planned, headers)
     partial = f" (without {unknown} planned tensors not in local headers)" if unknown else ""
     report.lines.append(f"estimated output size: {total / 1e9:.3g} GB{partial}")
     if out_path is None:
         report.lines.append("free disk space: not checked (give OUT_PATH)")
         return
-    existing = Path(os.path.abspath(out_path))
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    report.lines.append(f"free disk space at {existing}: {free / 1e9:.3g} GB")
-    if free < total * DISK_MARGIN:
-        report.findings.append(
-            Finding(
-                "error",
-                f"not enough free disk space for the output: about {total / 1e9:.3g} GB needed "
-                f"(+5 % margin), {free / 1e9:.3g} GB free at {existing}",
-            )
-        )
-
-
-def _template(path: str | None) -> str | None:
-    if path is None:
-        return None
-    folder = Path(path)
-    jinja = folder / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text(encoding="utf-8").strip()
-    config = folder / "tokenizer_config.json"
-    if config.exists():
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        if isinstance(template, str):
-            return template.strip()
-    return None
-
-
-def _generation(path: str | None) -> dict | None:
-    if path is None or not (Path(path) / "generation_config.json").exists():
-        return None
-    found = json.loads((Path(path) / "generation_config.json").read_text(encoding="utf-8"))
-    ignored = {"transformers_version", "_from_model_config"}
-    return {k: v for k, v in found.items() if k not in ignored}
-
-
-def _chat_template(config, report: Report) -> None:
-    """What the output carries (mergekit copies θ₀'s files) against the aligned model's."""
-    roles = slice_roles(config)
-    if not roles or config.base_model is None:
-        return
-    final_ref = next((m for _, m in model_places(config) if str(m) == roles[-1]["final"]), None)
-    base_dir, final_dir = local_dir(config.base_model), final_ref and local_dir(final_ref)
-    if base_dir is None or final_dir is None:
-        return
-    source = config.tokenizer.source if config.tokenizer is not None else config.tokenizer_source
-    if config.chat_template:
-        return  # the config chooses the template itself
-    if source is None:
-        carried_dir, generation = base_dir, _generation(base_dir)
-    elif source in ("base", "union"):
-        carried_dir, generation = base_dir, None
-    else:
-        carried_dir, generation = local_dir(source), None
-    carried, wanted = _template(carried_dir), _template(final_dir)
-    wanted_generation = _generation(final_dir)
-    line = f'tokenizer: {{source: "{final_dir}"}}'
-    if carried != wanted:
-        report.findings.append(
-            Finding(
-                "warning",
-                f"the output will carry the chat template of {carried_dir} "
-                f"({'none' if carried is None else f'{len(carried)} characters'}), not the one "
-                f"of the aligned model {final_dir} "
-                f"({'none' if wanted is None else f'{len(wanted)} characters'}). For a drop-in "
-                f"replacement of the aligned model add this line to the config: {line}",
-            )
-        )
-    if generation != wanted_generation:
-        copy = (
-            f"cp {final_dir}/generation_config.json OUT/"
-            if wanted_generation is not None else "remove OUT/generation_config.json"
-        )
-        have = "none" if generation is None else f"{base_dir}'s"
-        want = "none" if wanted_generation is None else f"{final_dir}'s"
-        report.findings.append(
-            Finding(
-                "warning",
-                f"the output's generation_config.json ({have}) differs from the aligned "
-                f"model's ({want}); mergekit has no config line for it: after merging, {copy}",
-            )
-        )
-
+    free, findings = disk_findings(total, out_path)
+    report.lines.append(f"free disk space at {free[0]}: {free[1] / 1e9:.3g} GB")
+    report.findings += findings

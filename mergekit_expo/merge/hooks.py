@@ -13,7 +13,8 @@ import theirs when they run, because mergekit may still be half-imported when th
 - ``mergekit.io.tasks``: refuse a non-finite tensor after the ``out_dtype`` cast.
 - ``mergekit.architecture``: check an expo config and its inputs' headers (``validation``)
   before mergekit reads anything; ``mergekit.plan``: check the planned merge (filters, tensors
-  it would drop) before any tensor is read; ``mergekit.scripts.multimerge``: check every expo
+  it would drop, free disk space, chat template: ``validation``, ``output``) before any tensor
+  is read; ``mergekit.scripts.multimerge``: check every expo
   step of a ``mergekit-multi`` file before the first one runs.
 - ``mergekit.merge_methods.task_adapter``: hand the kernel the vocabulary rows recorded for its
   own input task (``guards``), whatever device mergekit copied the tensors to.
@@ -177,15 +178,28 @@ def after_plan(plan: ModuleType) -> None:
             if getattr(self.config, "merge_method", None) == METHOD_NAME:
                 from mergekit.io.tasks import LoaderCache
 
+                from mergekit_expo.merge.output import (
+                    disk_findings,
+                    output_bytes,
+                    template_findings,
+                )
                 from mergekit_expo.merge.validation import (
                     plan_findings,
                     planned_tensors,
                     raise_errors,
+                    read_inputs,
                 )
 
-                models = self.config.referenced_models()
-                names = {m: LoaderCache().get(m).index.tensor_paths.keys() for m in models}
-                raise_errors(plan_findings(self.config, planned_tensors(tasks), names))
+                config, planned = self.config, planned_tensors(tasks)
+                names = {
+                    m: LoaderCache().get(m).index.tensor_paths.keys()
+                    for m in config.referenced_models()
+                }
+                headers, _ = read_inputs(config)  # damaged files were refused before
+                _, disk = disk_findings(output_bytes(config, planned, headers)[0], out_path)
+                raise_errors(
+                    plan_findings(config, planned, names) + disk + template_findings(config)
+                )
             return tasks
 
         return plan_to_disk
