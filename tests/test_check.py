@@ -115,6 +115,8 @@ def test_chat_template_of_the_aligned_model_and_the_line_that_keeps_it(zoo, tmp_
     line = f'tokenizer: {{source: "{chat}"}}'
     assert f"add this line to the config: {line}" in result.output
 
+    assert "generation_config" not in result.output
+
     config["tokenizer"] = {"source": str(chat)}
     result = check(config, tmp_path)
     assert "chat template" not in result.output
@@ -122,3 +124,13 @@ def test_chat_template_of_the_aligned_model_and_the_line_that_keeps_it(zoo, tmp_
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(out)).chat_template.strip() == template.strip()
+
+
+def test_generation_config_that_differs_says_what_to_copy(zoo, tmp_path):
+    tuned = tmp_path / "dpo_generation"
+    shutil.copytree(zoo.dpo, tuned)
+    settings = json.loads((tuned / "generation_config.json").read_text())
+    (tuned / "generation_config.json").write_text(json.dumps({**settings, "temperature": 0.6}))
+    result = check(expo_config(zoo.sft, tuned), tmp_path)
+    assert result.exit_code == 1
+    assert f"after merging, cp {tuned}/generation_config.json OUT/" in result.output
