@@ -232,6 +232,13 @@ def test_damaged_headers_and_incomplete_index_are_named(zoo, tmp_path):
     with pytest.raises(CheckpointError, match="has a corrupt safetensors header"):
         read_checkpoint(corrupt)
 
+    longer = tmp_path / "longer"
+    shutil.copytree(zoo.dpo, longer)
+    with open(longer / "model.safetensors", "ab") as handle:
+        handle.write(b"\0" * 10)
+    with pytest.raises(CheckpointError, match="is corrupt: 10 bytes follow the tensors"):
+        read_checkpoint(longer)
+
     sharded = tmp_path / "sharded"
     shutil.copytree(zoo.dpo, sharded)
     (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")

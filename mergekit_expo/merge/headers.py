@@ -82,6 +82,11 @@ def read_file_header(path: str | os.PathLike) -> dict[str, TensorHeader]:
             f"but the file has {size} (an interrupted download or copy?). Re-download or "
             "re-export this checkpoint."
         )
+    if 8 + length + end < size:  # safetensors refuses such a file too, less clearly
+        raise CheckpointError(
+            f"{path} is corrupt: {size - 8 - length - end} bytes follow the tensors its header "
+            "describes. Re-download or re-export this checkpoint."
+        )
     return tensors
 
 
