@@ -24,6 +24,9 @@ AFTER_IMPORT = {
     "mergekit.tokenizer.embed": "after_embed",
     "mergekit.io.tasks": "after_io_tasks",
     "mergekit.merge": "after_merge",
+    "mergekit.merge_methods.task_adapter": "after_task_adapter",
+    "mergekit.architecture": "after_architecture",
+    "mergekit.plan": "after_plan",
     "mergekit.scripts.multimerge": "after_multimerge",
 }
 

@@ -35,6 +35,40 @@ def demo(out: Path, alpha: float) -> None:
 
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--cuda", is_flag=True, help="The merge will run with --cuda: check CUDA is there.")
+@click.option("--device", default=None, help="The merge's --device, checked the same way.")
+@click.option(
+    "--allow-warnings", is_flag=True, help="Exit 0 when there are warnings but no errors."
+)
+def check(
+    config: Path, out_path: Path | None, cuda: bool, device: str | None, allow_warnings: bool
+) -> None:
+    """Preflight an expo CONFIG in seconds: headers, not weights. Exit 0 only if nothing is wrong.
+
+    Checks the config (unknown or misplaced parameters, filters that match nothing), every
+    input (files complete), the roles and α/λ per slice, tensors the merge would not write,
+    tied embeddings, dtypes, a relatedness figure on a few rows, free space at OUT_PATH, and
+    the chat template and generation config the output will carry.
+    """
+    from mergekit_expo.check.preflight import run_check
+
+    report = run_check(config, out_path, device=device or ("cuda" if cuda else "cpu"))
+    for line in report.lines:
+        click.echo(f"  {line}")
+    for message in report.warnings():
+        click.echo(f"WARNING: {message}", err=True)
+    for message in report.errors():
+        click.echo(f"ERROR: {message}", err=True)
+    errors, warnings = len(report.errors()), len(report.warnings())
+    if errors or (warnings and not allow_warnings):
+        click.echo(f"{config}: {errors} error(s), {warnings} warning(s)", err=True)
+        raise SystemExit(1)
+    click.echo(f"{config}: nothing wrong" + (f" ({warnings} warning(s))" if warnings else ""))
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--alpha",

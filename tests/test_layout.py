@@ -21,7 +21,8 @@ ALLOWED = {
     "demo": set(),
     "package": {"merge", "startup"},  # mergekit_expo/__init__.py: METHOD_NAME and register()
     "startup": {"merge"},
-    "cli": {"merge", "search", "demo"},
+    "cli": {"merge", "search", "demo", "check"},
+    "check": {"merge"},
 }
 
 

@@ -8,14 +8,15 @@
   invents θ₀'s row for a token θ₀ does not have (a copy of the one model that has it, or the
   mean of several); extrapolating θ_T against an invented row is meaningless. mergekit does not
   tell a merge method which rows were invented, so ``hooks`` wraps its ``PermutedVocabulary``
-  task to record them here, keyed by the reference's aligned tensor.
+  task to record them here, keyed by that task, and its merge task to pass them to the kernel.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
@@ -107,22 +108,40 @@ def warn_if_unrelated(roles: Roles, threshold: float) -> None:
             )
 
 
-# id(reference tensor) -> (weak reference to it, row ids); entries vanish with the tensor.
-# Process-wide because it is the only channel from mergekit's tokenizer task, which invents the
-# rows, to the kernel, which runs later as another task. (A WeakKeyDictionary would compare
-# tensors with ==, which is elementwise.)
-_lacking: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+# mergekit's vocabulary task (PermutedVocabulary) -> the output-vocabulary ids whose reference
+# row it invented. Keyed by the task, not by the tensor: mergekit copies tensors to the math
+# device (--cuda, --device) between the tasks, so a tensor's identity does not survive. The
+# merge task of the same tensor names this task as its input; ``hooks`` looks the rows up there
+# and hands them to the kernel through ``_current`` for the duration of that one call.
+# Process-wide because it is the only channel from the tokenizer task, which invents the rows, to
+# the kernel, which runs later as another task; emptied at the start of every expo merge.
+_lacking: dict[Hashable, torch.Tensor] = {}
+_current: ContextVar[torch.Tensor | None] = ContextVar("expo_rows_reference_lacks", default=None)
 
 
 def record_rows_reference_lacks(
-    reference_tensor: torch.Tensor, permutation: dict[int, int], vocab_ids: list[int]
+    task: Hashable, permutation: dict[int, int], vocab_ids: list[int]
 ) -> None:
-    """Remember the output-vocabulary ids whose reference row was invented by mergekit."""
+    """Remember the output-vocabulary ids whose reference row mergekit invented in ``task``."""
     rows = [token_id for token_id in vocab_ids if permutation.get(token_id, -1) < 0]
     if rows:
-        key = id(reference_tensor)
-        _lacking[key] = (weakref.ref(reference_tensor), torch.tensor(sorted(rows)))
-        weakref.finalize(reference_tensor, _lacking.pop, key, None)
+        _lacking[task] = torch.tensor(sorted(rows))
+    else:
+        _lacking.pop(task, None)
+
+
+@contextmanager
+def rows_reference_lacks_for(input_task: Hashable) -> Iterator[None]:
+    """Make the rows recorded for ``input_task`` visible to the kernel within this block."""
+    token = _current.set(_lacking.get(input_task))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def forget_rows_reference_lacks() -> None:
+    _lacking.clear()
 
 
 def keep_rows_reference_lacks(
@@ -131,10 +150,10 @@ def keep_rows_reference_lacks(
     """Copy θ_T's rows into ``result`` wherever θ₀'s row was invented; True if it did."""
     if vocabulary_axis is None:
         return False
-    entry = _lacking.get(id(roles.reference.tensor))
-    if entry is None or entry[0]() is not roles.reference.tensor:
+    rows = _current.get()
+    if rows is None:
         return False
-    rows = entry[1].to(result.device)
+    rows = rows.to(result.device)
     final_rows = roles.final.tensor.index_select(vocabulary_axis, rows)
     result.index_copy_(vocabulary_axis, rows, final_rows.to(result.dtype))
     return True

@@ -1,4 +1,4 @@
-"""How ``expo`` joins the unmodified mergekit tools: registration plus five small extensions.
+"""How ``expo`` joins the unmodified mergekit tools: registration plus small extensions.
 
 Each ``after_*`` function runs right after the module it names has executed (the start-up hook,
 ``mergekit_expo._startup``, lists them), or from ``mergekit_expo.register()``. All are
@@ -13,8 +13,15 @@ import theirs when they run, because mergekit may still be half-imported when th
 - ``mergekit.io.tasks``: refuse a non-finite tensor after the ``out_dtype`` cast.
 - ``mergekit.merge``: an expo merge writes into a staging folder and moves into place only when
   complete (``merge.output``).
-- ``mergekit.scripts.multimerge``: a lazy run does not skip an expo step whose folder holds a
-  model merged from another config.
+- ``mergekit.scripts.multimerge``: check every expo step of a ``mergekit-multi`` file before the
+  first one runs; a lazy run does not skip an expo step whose folder holds a model merged from
+  another config.
+- ``mergekit.architecture``: check an expo config and its inputs' headers (``validation``)
+  before mergekit reads anything.
+- ``mergekit.plan``: check the planned merge (filters, tensors it would drop, free disk space,
+  chat template: ``validation``, ``forecast``) before any tensor is read.
+- ``mergekit.merge_methods.task_adapter``: hand the kernel the vocabulary rows recorded for its
+  own input task (``guards``), whatever device mergekit copied the tensors to.
 
 Each hook first checks that what it wraps is still there with the signature it calls
 (``_expect``). On a mismatch, or when a hooked module cannot be found, it leaves mergekit as it
@@ -29,6 +36,7 @@ import importlib
 import importlib.machinery
 import inspect
 import logging
+import os
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -56,6 +64,16 @@ FEATURES = {
     ),
     "after_multimerge": (
         "mergekit-multi skips an expo step whose folder holds a model merged from another config"
+    ),
+    "validate_multimerge": "mergekit-multi steps are checked only when each one starts",
+    "after_task_adapter": (
+        "the guard that keeps vocabulary rows θ₀ lacks out of the extrapolation "
+        "(`tokenizer:` / `tokenizer_source:`) is off"
+    ),
+    "after_architecture": "expo configs and inputs are not checked before the merge reads them",
+    "after_plan": (
+        "planned expo merges are not checked (unmatched filters, dropped tensors, free disk, "
+        "chat template)"
     ),
 }
 # Features lost in this process (hook -> why). Process-wide like the hooks themselves: what
@@ -134,9 +152,11 @@ def check_hooked_modules(table: dict[str, str]) -> None:
 
 def refuse_without_lost_guards(merge_config: Any) -> None:
     """An expo merge that needs a guard which could not be installed is refused, not run."""
+    vocabulary = bool(merge_config.tokenizer or merge_config.tokenizer_source)
     needs = {
         "after_io_tasks": bool(merge_config.out_dtype),
-        "after_embed": bool(merge_config.tokenizer or merge_config.tokenizer_source),
+        "after_embed": vocabulary,
+        "after_task_adapter": vocabulary,
     }
     for hook, needed in needs.items():
         if needed and hook in LOST:
@@ -191,10 +211,7 @@ def after_card(card: ModuleType) -> None:
 
         return generate_card
 
-    generate_card = _wrap_once(card, "generate_card", wrap)
-    merge = sys.modules.get("mergekit.merge")
-    if merge is not None:  # imported before us: it holds the unwrapped function by name
-        merge.generate_card = generate_card
+    _rebind_in_merge("generate_card", _wrap_once(card, "generate_card", wrap))
 
 
 def after_embed(embed: ModuleType) -> None:
@@ -215,7 +232,7 @@ def after_embed(embed: ModuleType) -> None:
             base = self.base_model
             if base is not None and base in result and base in tokenizer_info.permutations:
                 record_rows_reference_lacks(
-                    result[base],
+                    self,
                     tokenizer_info.permutations[base],
                     list(tokenizer_info.tokenizer.get_vocab().values()),
                 )
@@ -303,7 +320,7 @@ def after_merge(merge: ModuleType) -> None:
             holder.run_merge = run_merge
 
 
-def after_multimerge(multimerge: ModuleType) -> None:
+def _rerun_stale_steps(multimerge: ModuleType) -> None:
     task = getattr(multimerge, "MergeModelTask", None)
     if task is None:
         return lose("after_multimerge", "mergekit's mergekit.scripts.multimerge has no "
@@ -363,6 +380,145 @@ def uses_expo(merge_config: Any) -> bool:
         return False
 
     return found(merge_config.model_dump())
+
+def after_multimerge(multimerge: ModuleType) -> None:
+    """mergekit-multi: every expo step is checked before the first runs, and a lazy run merges
+    again an expo step whose folder holds a model merged from another config."""
+    _validate_steps_first(multimerge)
+    _rerun_stale_steps(multimerge)
+
+
+def after_task_adapter(task_adapter: ModuleType) -> None:
+    task = getattr(task_adapter, "ExecuteMergeMethodTask", None)
+    if task is None:
+        return lose("after_task_adapter", "mergekit's task_adapter has no ExecuteMergeMethodTask")
+    if not (
+        _expect(task, "execute", ("self", "tensors", "_kwargs"), "after_task_adapter")
+        and _expect_fields(task, ("method_name", "gather_tensors"), "after_task_adapter")
+    ):
+        return
+
+    def wrap(original: Callable) -> Callable:
+        def execute(self, tensors, **kwargs):
+            if self.method_name != METHOD_NAME:
+                return original(self, tensors=tensors, **kwargs)
+            from mergekit_expo.merge.guards import rows_reference_lacks_for
+
+            with rows_reference_lacks_for(self.gather_tensors):
+                return original(self, tensors=tensors, **kwargs)
+
+        return execute
+
+    _wrap_once(task_adapter.ExecuteMergeMethodTask, "execute", wrap)
+
+
+def after_architecture(architecture: ModuleType) -> None:
+    if not _expect(
+        architecture, "get_architecture_info", ("config", "options"), "after_architecture"
+    ):
+        return
+
+    def wrap(original: Callable) -> Callable:
+        def get_architecture_info(config, options):
+            if getattr(config, "merge_method", None) == METHOD_NAME:
+                from mergekit_expo.merge.guards import forget_rows_reference_lacks
+                from mergekit_expo.merge.validation import (
+                    config_findings,
+                    input_findings,
+                    raise_errors,
+                )
+
+                forget_rows_reference_lacks()
+                raise_errors(config_findings(config))
+                raise_errors(input_findings(config, options))
+            return original(config, options)
+
+        return get_architecture_info
+
+    function = _wrap_once(architecture, "get_architecture_info", wrap)
+    _rebind_in_merge("get_architecture_info", function)
+
+
+def after_plan(plan: ModuleType) -> None:
+    planner = getattr(plan, "MergePlanner", None)
+    if planner is None:
+        return lose("after_plan", "mergekit's mergekit.plan has no MergePlanner")
+    if not _expect(planner, "plan_to_disk", ("self", "out_path"), "after_plan"):
+        return
+
+    def wrap(original: Callable) -> Callable:
+        def plan_to_disk(self, out_path):
+            tasks = original(self, out_path=out_path)
+            if getattr(self.config, "merge_method", None) == METHOD_NAME:
+                from mergekit.io.tasks import LoaderCache
+
+                from mergekit_expo.merge.forecast import (
+                    disk_findings,
+                    output_bytes,
+                    template_findings,
+                )
+                from mergekit_expo.merge.validation import (
+                    plan_findings,
+                    planned_tensors,
+                    raise_errors,
+                    read_inputs,
+                )
+
+                config, planned = self.config, planned_tensors(tasks)
+                names = {
+                    m: LoaderCache().get(m).index.tensor_paths.keys()
+                    for m in config.referenced_models()
+                }
+                headers, _ = read_inputs(config)  # damaged files were refused before
+                _, disk = disk_findings(output_bytes(config, planned, headers)[0], out_path)
+                raise_errors(
+                    plan_findings(config, planned, names) + disk + template_findings(config)
+                )
+            return tasks
+
+        return plan_to_disk
+
+    _wrap_once(plan.MergePlanner, "plan_to_disk", wrap)
+
+
+def _validate_steps_first(multimerge: ModuleType) -> None:
+    parameters = (
+        "merge_configs", "dependencies", "merge_options", "intermediate_dir", "out_path", "lazy",
+    )
+    if not _expect(multimerge, "make_tasks", parameters, "validate_multimerge"):
+        return
+
+    def wrap(original: Callable) -> Callable:
+        def make_tasks(merge_configs, dependencies, merge_options, intermediate_dir, *args):
+            from mergekit_expo.merge.validation import (
+                config_findings,
+                device_findings,
+                path_findings,
+                raise_errors,
+                uses_expo,
+            )
+
+            steps = [name for name in merge_configs if name is not None]
+            produced = [os.path.join(intermediate_dir, name) for name in steps]
+            for name, config in merge_configs.items():
+                if uses_expo(config):
+                    findings = config_findings(config) + path_findings(config, produced=produced)
+                    raise_errors(
+                        findings + device_findings(merge_options),
+                        context=f"mergekit-multi step {name or '(final, unnamed)'}",
+                    )
+            return original(merge_configs, dependencies, merge_options, intermediate_dir, *args)
+
+        return make_tasks
+
+    _wrap_once(multimerge, "make_tasks", wrap)
+
+
+def _rebind_in_merge(name: str, function: Callable) -> None:
+    """``mergekit.merge`` imported before us holds the unwrapped function by name."""
+    merge = sys.modules.get("mergekit.merge")
+    if merge is not None:
+        setattr(merge, name, function)
 
 
 def _wrap_once(owner: Any, name: str, wrap: Callable[[Callable], Callable]) -> Callable:

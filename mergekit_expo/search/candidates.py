@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from mergekit_expo.merge.formula import extrapolate, extrapolate_checked
 from mergekit_expo.merge.guards import NonFiniteError, overflow_message, relative_change
+from mergekit_expo.merge.headers import read_checkpoint
 from mergekit_expo.search.merge_config import SearchConfig, SearchConfigError
 
 LOG = logging.getLogger("mergekit_expo")
@@ -70,7 +71,12 @@ class CandidateWeights:
         for name in tqdm(names, desc="Reading θ_T", disable=not progress, leave=False):
             final_tensors[name] = self._cast(loaders["final"].get_tensor(name))
         loaders["final"].flush()
-        self.tensor_dtype = _dominant_dtype(final_tensors.values())  # what the kernel sees
+        self.merge_dtypes = self._merge_dtypes(final_tensors)
+        weights = Counter()  # elements per dtype the merge writes, before out_dtype
+        for name, tensor in final_tensors.items():
+            if tensor.is_floating_point():
+                weights[self.merge_dtypes[name]] += tensor.numel()
+        self.tensor_dtype = weights.most_common(1)[0][0] if weights else torch.float32
         self.model_dtype = self.out_dtype or self.tensor_dtype
         self.model = load_model(search, self.model_dtype, device)
         self.targets = self._bind(final_tensors)
@@ -85,6 +91,27 @@ class CandidateWeights:
         if self.input_dtype is not None and tensor.dtype != self.input_dtype:
             return tensor.to(self.input_dtype)
         return tensor
+
+    def _merge_dtypes(self, final_tensors: dict[str, torch.Tensor]) -> dict[str, torch.dtype]:
+        """Per tensor, the dtype the merge computes and rounds to before ``out_dtype``.
+
+        ``dtype:`` if set; otherwise mergekit promotes every input of the tensor (θ₀, θ_T and
+        each intermediate listed, used or not) to their common dtype (``torch.promote_types``),
+        e.g. bfloat16 θ₀ with float32 θ_T merges in float32. Read from the headers.
+        """
+        dtypes = {name: tensor.dtype for name, tensor in final_tensors.items()}
+        if self.input_dtype is not None:
+            return dtypes
+        search = self.search
+        for model in (search.reference, *search.intermediates):
+            headers = read_checkpoint(model.local_path()) or {}
+            for name, dtype in dtypes.items():
+                header = headers.get(name)
+                if header is not None and dtype.is_floating_point:
+                    other = getattr(torch, header.dtype)
+                    if other.is_floating_point:
+                        dtypes[name] = torch.promote_types(dtype, other)
+        return dtypes
 
     def _bind(self, final_tensors: dict[str, torch.Tensor]) -> list[_Target]:
         """Pair every distinct model tensor with its θ_T tensor (tied weights once)."""
@@ -181,7 +208,7 @@ class CandidateWeights:
             if not target.floating:
                 parameter.copy_(target.final)
                 continue
-            merge_dtype = target.final.dtype
+            merge_dtype = self.merge_dtypes[target.name]
             written = self.out_dtype or merge_dtype
             if parameter.dtype == written == merge_dtype and parameter.device.type == "cpu":
                 _, finite = extrapolate_checked(
@@ -189,8 +216,10 @@ class CandidateWeights:
                     alpha=alpha, lam=lam, out=parameter,
                 )
             else:  # round as mergekit does: to the input dtype, then to out_dtype
+                rounded = torch.empty_like(target.final, dtype=merge_dtype)
                 result = extrapolate(
-                    target.reference, target.final, target.intermediates, alpha=alpha, lam=lam
+                    target.reference, target.final, target.intermediates, alpha=alpha, lam=lam,
+                    out=rounded,
                 ).to(written)
                 parameter.copy_(result)
                 finite = bool(torch.isfinite(result).all())
@@ -269,14 +298,6 @@ def _warn_if_configs_differ(search: SearchConfig, model) -> None:
 def _generation(config) -> dict:
     ignored = {"transformers_version", "_from_model_config"}
     return {k: v for k, v in config.to_diff_dict().items() if k not in ignored}
-
-
-def _dominant_dtype(tensors) -> torch.dtype:
-    counts = Counter()
-    for tensor in tensors:
-        if tensor.is_floating_point():
-            counts[tensor.dtype] += tensor.numel()
-    return counts.most_common(1)[0][0] if counts else torch.float32
 
 
 def _mean64(tensors: list[torch.Tensor]) -> torch.Tensor:
