@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from mergekit_expo.merge.headers import TensorHeader
 from mergekit_expo.merge.forecast import disk_findings, output_bytes, template_findings
+from mergekit_expo.merge.headers import TensorHeader
 from mergekit_expo.merge.parameters import DEFAULT_WARN_RELATIVE_CHANGE
 from mergekit_expo.merge.roles import slice_roles
 from mergekit_expo.merge.validation import (
