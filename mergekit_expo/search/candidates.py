@@ -210,7 +210,7 @@ class CandidateWeights:
             if len(target.intermediates) == len(self.search.intermediates):  # not averaged
                 pairs += list(zip(self.search.intermediates, target.intermediates, strict=True))
             for model, tensor in pairs:
-                change = relative_change(self._cast(tensor), self._cast(target.reference))
+                change = relative_change(tensor, target.reference)  # samples rows, in float32
                 if change is not None and change > threshold:
                     LOG.warning(
                         "expo: model %s differs from the reference %s by %.3g of its norm in %s "
