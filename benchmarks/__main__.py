@@ -124,6 +124,70 @@ def breakdown(params, cache_dir, results_dir, repeats, alpha, wait_quiet, flags)
                             repeats, alpha, wait_quiet, tuple(flags)))
 
 
+@main.command("search-memory")
+@click.option("--params", default="1.1B", show_default=True)
+@click.option("--intermediates", "counts", multiple=True, type=int, default=(1, 5),
+              show_default=True, help="Intermediate checkpoints (T − 1) per row.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True)
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_RESULTS, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True)
+def search_memory(params, counts, cache_dir, results_dir, repeats):
+    """The search's peak private memory and per-candidate update time for each T."""
+    from benchmarks.report import search_memory_table
+    from benchmarks.scale import search_memory as measure
+    from benchmarks.synthetic import parse_count
+
+    session = measure(parse_count(params), list(counts), cache_dir.resolve(),
+                      results_dir.resolve(), repeats)
+    click.echo(search_memory_table(session))
+    click.echo(f"\nresults: {session['results_file']}")
+
+
+@main.command()
+@click.option("--params", default="7B", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True,
+              help="Checkpoints go to CACHE_DIR/large and are removed at the end.")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_RESULTS, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True)
+@click.option("--flag", "flags", multiple=True, default=("--out-shard-size", "500M"),
+              show_default=True, help="mergekit options for both merges (repeat per word).")
+@click.option("--min-available-gb", type=float, default=18.0, show_default=True,
+              help="Wait before each step until /proc/meminfo's MemAvailable is this high.")
+@click.option("--prompts", type=int, default=2, show_default=True)
+@click.option("--max-new-tokens", type=int, default=4, show_default=True)
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the merged outputs against the float64 formula (first repeat).")
+@click.option("--keep", is_flag=True, help="Keep the checkpoints (≈ 27 GB) for another run.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the disk/memory checks only.")
+def large(params, cache_dir, results_dir, repeats, flags, min_available_gb, prompts,
+          max_new_tokens, verify, keep, dry_run):
+    """The 7 B regime: merges vs the I/O floor, and a 2-candidate search (≈ 40 GB of disk)."""
+    from benchmarks.report import large_table
+    from benchmarks.scale import GB, plan_large
+    from benchmarks.scale import large as measure
+    from benchmarks.synthetic import parse_count
+
+    plan = plan_large(parse_count(params), cache_dir.resolve())
+    click.echo(
+        f"plan: {plan['params']:,} parameters, {plan['checkpoint_bytes'] / GB:.1f} GB per "
+        f"checkpoint; writes {plan['write_bytes'] / GB:.1f} GB under {plan['directory']} (needs "
+        f"{plan['disk_needed_bytes'] / GB:.1f} GB free, {plan['disk_free_bytes'] / GB:.1f} GB "
+        f"are: {'ok' if plan['disk_ok'] else 'NOT ENOUGH'}); MemAvailable now "
+        f"{plan['mem_available_bytes'] / GB:.1f} GB, each step waits for {min_available_gb} GB"
+    )
+    if dry_run:
+        return
+    session = measure(parse_count(params), cache_dir.resolve(), results_dir.resolve(), repeats,
+                      min_available_gb * GB, tuple(flags), prompts, max_new_tokens, verify,
+                      keep, log=lambda m: click.echo(m))
+    click.echo(large_table(session))
+    click.echo(f"\nresults: {session['results_file']}")
+
+
 @main.command()
 @click.option("--elements", default="50M", show_default=True,
               help="Elements per tensor pair for the speed measurement.")
