@@ -124,6 +124,70 @@ def breakdown(params, cache_dir, results_dir, repeats, alpha, wait_quiet, flags)
                             repeats, alpha, wait_quiet, tuple(flags)))
 
 
+PERFORMANCE_ROWS = ("floor,expo,task_arithmetic,inram,expo_lowmem,ta_lowmem,lam_floor,"
+                    "lam_onepass,lam_twostep")
+
+
+@main.command()
+@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The page to write (docs/performance.md).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="The 1.1 B rows' figure (docs/performance.png).")
+@click.option("--params", default="1.1B", show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--only", default=PERFORMANCE_ROWS, show_default=True)
+@click.option("--large-params", default="7B", show_default=True)
+@click.option("--large-repeats", type=int, default=1, show_default=True)
+@click.option("--skip-large", is_flag=True, help="No 7 B section.")
+@click.option("--reuse-run", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--reuse-breakdown", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--reuse-search", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--reuse-large", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True)
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_RESULTS, show_default=True)
+def performance(markdown, plot_path, params, repeats, only, large_params, large_repeats,
+                skip_large, reuse_run, reuse_breakdown, reuse_search, reuse_large, cache_dir,
+                results_dir):
+    """Measure everything docs/performance.md shows and write the page (and its plot)."""
+    from benchmarks import performance as page
+    from benchmarks.breakdown import main as breakdown_main
+    from benchmarks.report import plot
+    from benchmarks.run import Settings, run_session
+    from benchmarks.scale import GB, search_memory
+    from benchmarks.scale import large as measure_large
+    from benchmarks.synthetic import parse_count
+
+    cache, results = cache_dir.resolve(), results_dir.resolve()
+    size = parse_count(params)
+    run_data = page.load(reuse_run)
+    if run_data is None:
+        run_data = run_session(Settings(
+            sizes=[size], cache=cache, results=results, repeats=repeats,
+            include=set(only.split(",")), quiet_limit=None,
+        ))
+    page.add_raw_walls(run_data)
+    if plot_path:
+        plot(run_data, plot_path)
+    breakdown = page.load(reuse_breakdown)
+    if breakdown is None:
+        breakdown_main(size, cache, results, repeats, 0.3, None, ())
+        breakdown = page.load(results / "breakdown" / "breakdown.json")
+    search = page.load(reuse_search) or search_memory(size, [1, 5], cache, results, 1)
+    large_data = page.load(reuse_large)
+    if large_data is None and not skip_large:
+        large_data = measure_large(parse_count(large_params), cache, results, large_repeats,
+                                   18 * GB, ("--out-shard-size", "500M"), 2, 4, True, False,
+                                   log=click.echo)
+    command = " ".join(["python", "-m", "benchmarks", "performance", "--markdown",
+                        str(markdown), *(["--plot", str(plot_path)] if plot_path else [])])
+    text = page.render(command, run_data, breakdown, search, large_data)
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(text)
+    click.echo(text)
+
+
 @main.command("search-memory")
 @click.option("--params", default="1.1B", show_default=True)
 @click.option("--intermediates", "counts", multiple=True, type=int, default=(1, 5),

@@ -233,6 +233,17 @@ def search_memory_table(session: dict) -> str:
     return "\n".join(lines)
 
 
+def _phase_table(rows: list[dict]) -> list[str]:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row["phases"] if k not in keys]
+    lines = ["| row | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for row in rows:
+        cells = [f"{row['phases'][k]:.1f}" if k in row["phases"] else "–" for k in keys]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def large_table(session: dict) -> str:
     """The 7 B rows: merges against the I/O floor, and the search."""
     lines = [
@@ -258,6 +269,11 @@ def large_table(session: dict) -> str:
             f"{row['peak_private_bytes'] / GB:.2f} | {row['peak_rss_bytes'] / GB:.2f} | "
             f"{_agreement(row)} |"
         )
+    phased = [r for r in rows if r.get("phases")]
+    if phased:
+        lines += ["", "Where the time goes (seconds, median; mergekit rows run `mergekit-yaml` "
+                  "with timers, `benchmarks/scripts/phases.py`):", ""]
+        lines += _phase_table(phased)
     search = session.get("search")
     if search:
         updates = ", ".join(f"{u:.1f}" for u in search["update_seconds"])

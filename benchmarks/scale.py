@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -24,10 +25,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.contenders import Models, build_rows, tool
+from benchmarks.contenders import SCRIPTS, Models, build_rows, tool
 from benchmarks.measure import run_measured
 from benchmarks.run import (
     Settings,
+    _self_ignoring,
     child_env,
     machine,
     run_row,
@@ -117,6 +119,35 @@ def search_row(models: Models, work: Path, *, alphas: list[float], lam: float, p
     }
 
 
+def read_phases(log: Path, wall: float) -> dict[str, float]:
+    """Seconds per phase from a row's log: ``floor.py``'s line, or ``phases.py``'s JSON."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    floor = re.search(r"read [\d.]+ GB in ([\d.]+) s, write [\d.]+ GB in ([\d.]+) s, "
+                      r"fsync ([\d.]+) s", text)
+    if floor:
+        return dict(zip(("read", "write", "fsync"), map(float, floor.groups()), strict=True))
+    for line in text.splitlines():
+        if line.startswith("PHASES "):
+            data = json.loads(line[len("PHASES "):])
+            marks, totals = data["marks"], data["totals"]
+            merge = marks["merge_end"] - marks["merge_start"]
+            method, load, save = (totals.get(k, 0.0) for k in ("method", "load", "save"))
+            return {
+                "start-up + imports": marks["imports"],
+                "read (lazy safetensors)": load,
+                "merge method": method,
+                "write (serialise + write)": save,
+                "rest of run_merge": merge - method - load - save,
+                "exit": wall - marks["merge_end"],
+            }
+    return {}
+
+
+def median_phases(records: list[dict]) -> dict[str, float]:
+    keys = records[0].get("phases", {})
+    return {k: statistics.median(r["phases"].get(k, 0.0) for r in records) for k in keys}
+
+
 def checkpoint_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in CheckpointReader(path).files())
 
@@ -138,6 +169,9 @@ def search_memory(params: float, intermediates: list[int], cache: Path, results:
     shape = shape_for(params)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = results / stamp / "search-memory"
+    for directory in (cache, results):
+        directory.mkdir(parents=True, exist_ok=True)
+        _self_ignoring(directory)
     session = _session_header(shape, {"intermediates": intermediates, "repeats": repeats})
     paths = build_family(cache, shape, count=max(intermediates) + 1, shard_bytes=1_000_000_000)
     runs: dict[int, list[dict]] = {k: [] for k in intermediates}
@@ -200,6 +234,7 @@ def plan_large(params: float, cache: Path) -> dict:
     existing = [p for p in (family.glob("*/*/.complete") if family.exists() else [])]
     to_write = max(0, 2 - len(existing)) * checkpoint + checkpoint  # inputs missing + 1 output
     cache.mkdir(parents=True, exist_ok=True)
+    _self_ignoring(cache)  # never let `git add` near tens of GB of checkpoints
     free = shutil.disk_usage(cache).free
     return {
         "shape": shape.__dict__,
@@ -229,6 +264,8 @@ def large(params: float, cache: Path, results: Path, repeats: int, min_available
     family = Path(plan["directory"])
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = results / stamp / "large"
+    results.mkdir(parents=True, exist_ok=True)
+    _self_ignoring(results)
     session = _session_header(shape, {
         "repeats": repeats, "flags": list(flags), "min_available_bytes": min_available,
         "prompts": prompts, "max_new_tokens": tokens, "verify": verify,
@@ -248,9 +285,11 @@ def large(params: float, cache: Path, results: Path, repeats: int, min_available
         models = Models(sft=paths[0], iterates=paths[1:])
         rows = build_rows(models, work, alpha=0.3, lam=0.0, flags=flags,
                           include={"floor", "expo", "task_arithmetic"}, extras=False)
-        if not verify:
-            for row in rows:
+        for row in rows:
+            if not verify:
                 row.check = None
+            if row.key != "floor":  # mergekit-yaml with timers: where the time goes
+                row.command = [sys.executable, str(SCRIPTS / "phases.py"), *row.command[1:]]
         settings = Settings(sizes=[params], cache=cache, results=results, repeats=repeats,
                             flags=flags, interval=0.1, warm=False)
         records: dict[str, list[dict]] = {row.key: [] for row in rows}
@@ -258,11 +297,15 @@ def large(params: float, cache: Path, results: Path, repeats: int, min_available
             for row in rows:
                 step(f"{row.key} #{repeat + 1}")
                 log(f"running {row.key} #{repeat + 1}")
-                records[row.key].append(run_row(row, work, settings, repeat))
-                log(f"  {row.key}: {records[row.key][-1]['wall_s']:.1f} s")
+                record = run_row(row, work, settings, repeat)
+                record["phases"] = read_phases(work / "logs" / f"{row.key}.{repeat}.log",
+                                               record["wall_s"])
+                records[row.key].append(record)
+                log(f"  {row.key}: {record['wall_s']:.1f} s {record['phases']}")
         session["rows"] = [
             {"key": row.key, "label": row.label, "flags": list(row.flags),
-             "command": row.command, **summarise(records[row.key])}
+             "command": row.command, **summarise(records[row.key]),
+             "phases": median_phases(records[row.key])}
             for row in rows
         ]
         session["input_bytes"] = checkpoint_bytes(models.sft)
