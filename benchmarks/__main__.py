@@ -180,8 +180,7 @@ def performance(markdown, plot_path, params, repeats, only, large_params, large_
         large_data = measure_large(parse_count(large_params), cache, results, large_repeats,
                                    18 * GB, ("--out-shard-size", "500M"), 2, 4, True, False,
                                    log=click.echo)
-    command = " ".join(["python", "-m", "benchmarks", "performance", "--markdown",
-                        str(markdown), *(["--plot", str(plot_path)] if plot_path else [])])
+    command = " ".join(["python", "-m", "benchmarks", *sys.argv[1:]])
     text = page.render(command, run_data, breakdown, search, large_data)
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(text)
@@ -256,12 +255,14 @@ def large(params, cache_dir, results_dir, repeats, flags, min_available_gb, prom
 @click.option("--elements", default="50M", show_default=True,
               help="Elements per tensor pair for the speed measurement.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
-def kernel(elements, threads):
+@click.option("--agreement-elements", default="4M", show_default=True,
+              help="Elements per tensor for the agreement grid.")
+def kernel(elements, threads, agreement_elements):
     """Per-tensor kernels: speed and agreement with float64 across the α and λ grid."""
     from benchmarks.kernel import main as kernel_main
     from benchmarks.synthetic import parse_count
 
-    kernel_main(int(parse_count(elements)), threads)
+    kernel_main(int(parse_count(elements)), threads, int(parse_count(agreement_elements)))
 
 
 if __name__ == "__main__":

@@ -196,3 +196,24 @@ def test_performance_page_is_written_from_the_sessions(quick_session, scale_sess
     assert f"**{search['rows'][0]['private_ratio']:.2f}**" in text
     assert "| merge method (kernel, checks) |" in text
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_large_refuses_to_start_without_the_disk_it_needs(tmp_path):
+    """The 7 B benchmark checks `df` before writing anything (here: a size no disk holds)."""
+    from benchmarks.scale import large
+
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match=r"not enough free disk under .*cache: the 7 B run "
+                       r"writes \d+\.\d GB \(\+ 2 GB margin\), \d+\.\d GB are free"):
+        large(1e13, cache, tmp_path / "results", 1, 0, (), 2, 4, False, False)
+    assert [p.name for p in cache.iterdir()] == [".gitignore"]  # nothing else written
+
+
+def test_large_waits_for_memory_and_gives_up_with_a_reason():
+    from benchmarks.scale import mem_available, wait_for_memory
+
+    messages = []
+    assert wait_for_memory(0, log=messages.append) < 1 and "MemAvailable" in messages[0]
+    with pytest.raises(RuntimeError, match=r"MemAvailable stayed at .* GB < .* GB for"):
+        wait_for_memory(mem_available() * 100, poll=0.01, timeout=0.05, log=messages.append)
+    assert any(m.startswith("waiting for memory") for m in messages)
