@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -181,7 +182,10 @@ def performance(markdown, plot_path, params, repeats, only, large_params, large_
                                    18 * GB, ("--out-shard-size", "500M"), 2, 4, True, False,
                                    log=click.echo)
     command = " ".join(["python", "-m", "benchmarks", *sys.argv[1:]])
-    text = page.render(command, run_data, breakdown, search, large_data)
+    relative = None
+    if plot_path:  # as the page links it: relative to the page
+        relative = os.path.relpath(plot_path.resolve(), markdown.resolve().parent)
+    text = page.render(command, run_data, breakdown, search, large_data, relative)
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(text)
     click.echo(text)

@@ -207,10 +207,36 @@ def _large_section(large: dict) -> list[str]:
     return lines
 
 
+def _flags_section(run: dict | None) -> list[str]:
+    lines = ["## Recommended flags", ""]
+    rows = _rows(run["sizes"][0]) if run else {}
+    plain, low = rows.get("expo"), rows.get("expo_lowmem")
+    if plain and low:
+        lines.append(
+            f"- **Low memory**: `{' '.join(run['settings']['low_memory_flags'])}` (above: peak "
+            f"private memory {plain['peak_private_bytes'] / GB:.2f} → "
+            f"{low['peak_private_bytes'] / GB:.2f} GB, wall {plain['wall_s']:.1f} → "
+            f"{low['wall_s']:.1f} s). With mergekit's default 5 GB output shards mergekit holds "
+            "a whole shard of merged tensors before writing it, so private memory follows the "
+            "shard size, not the method."
+        )
+    lines += [
+        "- **GPUs**: `--cuda` (or `--device cuda`) runs the kernel on the GPU in 16 M-element "
+        "slices; `--read-to-gpu` avoids a host copy when VRAM holds the inputs of one tensor. "
+        "Not measured here (no GPU). The kernel needs float64 support (CUDA yes, Apple MPS no).",
+        "- **The search on a GPU**: `mergekit-expo search --device cuda --inputs-on-device auto` "
+        "keeps θ₀, θ_T (and θ̄) on the GPU when they fit ([search.md](search.md)).",
+        "",
+    ]
+    return lines
+
+
 def render(command: str, run: dict | None, breakdown: dict | None, search: dict | None,
-           large: dict | None) -> str:
+           large: dict | None, plot: str | None = None) -> str:
     first = next(s for s in (run, search, large, breakdown) if s is not None and "machine" in s)
     parts = [HEADER.format(command=command, machine=_machine(first))]
+    if plot:
+        parts += [f"![benchmark]({plot})", ""]
     if run is not None:
         parts += _merge_section(run)
     if breakdown is not None:
@@ -219,6 +245,7 @@ def render(command: str, run: dict | None, breakdown: dict | None, search: dict 
         parts += _search_section(search)
     if large is not None:
         parts += _large_section(large)
+    parts += _flags_section(run)
     return "\n".join(parts).rstrip() + "\n"
 
 
