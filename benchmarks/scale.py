@@ -309,6 +309,7 @@ def large(params: float, cache: Path, results: Path, repeats: int, min_available
             for row in rows
         ]
         session["input_bytes"] = checkpoint_bytes(models.sft)
+        _finish(session, work, "large.json")  # the merge rows are kept if the search fails
         step("search")
         log("running the search")
         session["search"] = search_row(models, work / "search", alphas=[0.3, 0.5], lam=0.0,

@@ -52,6 +52,7 @@ SMALLEST = {
     SCALE,
     "python -m benchmarks large --params 7B --repeats 3": LARGE_PLAN,
     "python -m benchmarks large --dry-run": LARGE_PLAN,
+    "python -m benchmarks large --params 7B --repeats 1 --no-verify": LARGE_PLAN,
 }
 # what each smallest form must print: it ran to the end and checked its numbers
 EXPECTED = {
