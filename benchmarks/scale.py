@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -272,6 +273,8 @@ def large(params: float, cache: Path, results: Path, repeats: int, min_available
     })
     session["plan"] = plan
     waits: list[dict] = []
+    # a kill (SIGTERM) becomes an exception, so that the cleanup below still runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     def step(name: str) -> None:
         waits.append({"step": name, "waited_s": round(
