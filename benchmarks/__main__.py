@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -124,16 +125,148 @@ def breakdown(params, cache_dir, results_dir, repeats, alpha, wait_quiet, flags)
                             repeats, alpha, wait_quiet, tuple(flags)))
 
 
+PERFORMANCE_ROWS = ("floor,expo,task_arithmetic,inram,expo_lowmem,ta_lowmem,lam_floor,"
+                    "lam_onepass,lam_twostep")
+
+
+@main.command()
+@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The page to write (docs/performance.md).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="The 1.1 B rows' figure (docs/performance.png).")
+@click.option("--params", default="1.1B", show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--only", default=PERFORMANCE_ROWS, show_default=True)
+@click.option("--large-params", default="7B", show_default=True)
+@click.option("--large-repeats", type=int, default=1, show_default=True)
+@click.option("--skip-large", is_flag=True, help="No 7 B section.")
+@click.option("--reuse-run", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--reuse-breakdown", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--reuse-search", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--reuse-large", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True)
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_RESULTS, show_default=True)
+def performance(markdown, plot_path, params, repeats, only, large_params, large_repeats,
+                skip_large, reuse_run, reuse_breakdown, reuse_search, reuse_large, cache_dir,
+                results_dir):
+    """Measure everything docs/performance.md shows and write the page (and its plot)."""
+    from benchmarks import performance as page
+    from benchmarks.breakdown import main as breakdown_main
+    from benchmarks.report import plot
+    from benchmarks.run import Settings, run_session
+    from benchmarks.scale import GB, search_memory
+    from benchmarks.scale import large as measure_large
+    from benchmarks.synthetic import parse_count
+
+    cache, results = cache_dir.resolve(), results_dir.resolve()
+    size = parse_count(params)
+    run_data = page.load(reuse_run)
+    if run_data is None:
+        run_data = run_session(Settings(
+            sizes=[size], cache=cache, results=results, repeats=repeats,
+            include=set(only.split(",")), quiet_limit=None,
+        ))
+    page.add_raw_walls(run_data)
+    if plot_path:
+        plot(run_data, plot_path)
+    breakdown = page.load(reuse_breakdown)
+    if breakdown is None:
+        breakdown_main(size, cache, results, repeats, 0.3, None, ())
+        breakdown = page.load(results / "breakdown" / "breakdown.json")
+    search = page.load(reuse_search) or search_memory(size, [1, 5], cache, results, 1)
+    large_data = page.load(reuse_large)
+    if large_data is None and not skip_large:
+        large_data = measure_large(parse_count(large_params), cache, results, large_repeats,
+                                   18 * GB, ("--out-shard-size", "500M"), 2, 4, True, False,
+                                   log=click.echo)
+    command = " ".join(["python", "-m", "benchmarks", *sys.argv[1:]])
+    relative = None
+    if plot_path:  # as the page links it: relative to the page
+        relative = os.path.relpath(plot_path.resolve(), markdown.resolve().parent)
+    text = page.render(command, run_data, breakdown, search, large_data, relative)
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(text)
+    click.echo(text)
+
+
+@main.command("search-memory")
+@click.option("--params", default="1.1B", show_default=True)
+@click.option("--intermediates", "counts", multiple=True, type=int, default=(1, 5),
+              show_default=True, help="Intermediate checkpoints (T − 1) per row.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True)
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_RESULTS, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True)
+def search_memory(params, counts, cache_dir, results_dir, repeats):
+    """The search's peak private memory and per-candidate update time for each T."""
+    from benchmarks.report import search_memory_table
+    from benchmarks.scale import search_memory as measure
+    from benchmarks.synthetic import parse_count
+
+    session = measure(parse_count(params), list(counts), cache_dir.resolve(),
+                      results_dir.resolve(), repeats)
+    click.echo(search_memory_table(session))
+    click.echo(f"\nresults: {session['results_file']}")
+
+
+@main.command()
+@click.option("--params", default="7B", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_CACHE, show_default=True,
+              help="Checkpoints go to CACHE_DIR/large and are removed at the end.")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_RESULTS, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True)
+@click.option("--flag", "flags", multiple=True, default=("--out-shard-size", "500M"),
+              show_default=True, help="mergekit options for both merges (repeat per word).")
+@click.option("--min-available-gb", type=float, default=18.0, show_default=True,
+              help="Wait before each step until /proc/meminfo's MemAvailable is this high.")
+@click.option("--prompts", type=int, default=2, show_default=True)
+@click.option("--max-new-tokens", type=int, default=4, show_default=True)
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the merged outputs against the float64 formula (first repeat).")
+@click.option("--keep", is_flag=True, help="Keep the checkpoints (≈ 27 GB) for another run.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the disk/memory checks only.")
+def large(params, cache_dir, results_dir, repeats, flags, min_available_gb, prompts,
+          max_new_tokens, verify, keep, dry_run):
+    """The 7 B regime: merges vs the I/O floor, and a 2-candidate search (≈ 40 GB of disk)."""
+    from benchmarks.report import large_table
+    from benchmarks.scale import GB, plan_large
+    from benchmarks.scale import large as measure
+    from benchmarks.synthetic import parse_count
+
+    plan = plan_large(parse_count(params), cache_dir.resolve())
+    click.echo(
+        f"plan: {plan['params']:,} parameters, {plan['checkpoint_bytes'] / GB:.1f} GB per "
+        f"checkpoint; writes {plan['write_bytes'] / GB:.1f} GB under {plan['directory']} (needs "
+        f"{plan['disk_needed_bytes'] / GB:.1f} GB free, {plan['disk_free_bytes'] / GB:.1f} GB "
+        f"are: {'ok' if plan['disk_ok'] else 'NOT ENOUGH'}); MemAvailable now "
+        f"{plan['mem_available_bytes'] / GB:.1f} GB, each step waits for {min_available_gb} GB"
+    )
+    if dry_run:
+        return
+    session = measure(parse_count(params), cache_dir.resolve(), results_dir.resolve(), repeats,
+                      min_available_gb * GB, tuple(flags), prompts, max_new_tokens, verify,
+                      keep, log=lambda m: click.echo(m))
+    click.echo(large_table(session))
+    click.echo(f"\nresults: {session['results_file']}")
+
+
 @main.command()
 @click.option("--elements", default="50M", show_default=True,
               help="Elements per tensor pair for the speed measurement.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's).")
-def kernel(elements, threads):
+@click.option("--agreement-elements", default="4M", show_default=True,
+              help="Elements per tensor for the agreement grid.")
+def kernel(elements, threads, agreement_elements):
     """Per-tensor kernels: speed and agreement with float64 across the α and λ grid."""
     from benchmarks.kernel import main as kernel_main
     from benchmarks.synthetic import parse_count
 
-    kernel_main(int(parse_count(elements)), threads)
+    kernel_main(int(parse_count(elements)), threads, int(parse_count(agreement_elements)))
 
 
 @main.command()

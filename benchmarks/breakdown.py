@@ -7,6 +7,7 @@ checkpoints, interleaved and repeated, from a warm page cache, and prints the me
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from benchmarks.contenders import SCRIPTS, Models, build_rows
 from benchmarks.measure import fsync_tree, run_measured, wait_until_quiet
-from benchmarks.run import child_env, warm_cache
+from benchmarks.run import child_env, machine, source_state, warm_cache
 from benchmarks.synthetic import build_family, shape_for
 
 VARIANTS = {
@@ -33,6 +34,7 @@ def _phases(log: Path) -> dict:
 def main(params: float, cache: Path, results: Path, repeats: int, alpha: float,
          quiet_limit: float | None, flags: tuple[str, ...]) -> str:
     shape = shape_for(params)
+    load_at_start = os.getloadavg()
     paths = build_family(cache, shape, count=1, shard_bytes=1_000_000_000)
     models = Models(sft=paths[0], iterates=paths[1:])
     work = results / "breakdown"
@@ -78,5 +80,15 @@ def main(params: float, cache: Path, results: Path, repeats: int, alpha: float,
         cells = [f"{statistics.median(r[key] for r in rows[name]):.2f}" for name in VARIANTS]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
-    (work / "breakdown.json").write_text(json.dumps(rows, indent=1))
+    session = {
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks", *sys.argv[1:]]),
+        "machine": machine(),
+        "source": source_state(),
+        "load_at_start": load_at_start,
+        "load_at_end": os.getloadavg(),
+        "tag": f"{shape.parameters() / 1e9:.3g} B",
+        "repeats": repeats,
+        "rows": rows,
+    }
+    (work / "breakdown.json").write_text(json.dumps(session, indent=1))
     return text

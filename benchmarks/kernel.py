@@ -85,7 +85,7 @@ def _time(fn, repeats: int = 5) -> float:
     return best
 
 
-def main(elements: int, threads: int | None) -> None:
+def main(elements: int, threads: int | None, agreement_elements: int = 1 << 22) -> None:
     from mergekit_expo.merge.formula import extrapolate
 
     if threads:
@@ -104,8 +104,9 @@ def main(elements: int, threads: int | None) -> None:
     seconds = _time(lambda: bool(torch.isfinite(out).all()))
     print(f"  {'isfinite(out).all() (checks.check_finite)':42s} {seconds / n * 1e9:6.2f} ns")
 
-    print("\nshare of elements that differ from float64 rounded to bf16 (4 M elements):")
-    small = _pair(1 << 22, seed=1, count=3, step=0.02)
+    print("\nshare of elements that differ from float64 rounded to bf16 "
+          f"({agreement_elements / 1e6:.2g} M elements):")
+    small = _pair(agreement_elements, seed=1, count=3, step=0.02)
     names = ["expo (float64 slices, reused scratch)", "float32 slices", "torch.lerp on bf16"]
     fns = candidates()
     print(f"  {'α':>5} {'λ':>4}  " + "  ".join(f"{n[:24]:>24}" for n in names))

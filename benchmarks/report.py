@@ -207,3 +207,91 @@ def plot(session: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def search_memory_table(session: dict) -> str:
+    """The search at each T: private memory against one checkpoint, update against a read."""
+    rows = session["rows"]
+    checkpoint = rows[0]["checkpoint_bytes"] if rows else 0
+    lines = [
+        f"Search, {session['params'] / 1e9:.2f} B parameters (bf16, {checkpoint / GB:.2f} GB per "
+        f"checkpoint), {rows[0]['candidates'] if rows else 0} candidates (λ = "
+        f"{rows[0]['lambda'] if rows else '–'}), {rows[0]['prompts'] if rows else 0} prompts × "
+        f"{rows[0]['max_new_tokens'] if rows else 0} new tokens; median of "
+        f"{rows[0]['repeats'] if rows else 0} run(s)",
+        "",
+        "| T (intermediates) | peak private GB | × one checkpoint | peak RSS GB | "
+        "weights update per candidate s | read the T + 1 inputs once s | search wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['T']} ({row['intermediates']}) | {row['peak_private_bytes'] / GB:.2f} | "
+            f"**{row['private_ratio']:.2f}** | {row['peak_rss_bytes'] / GB:.2f} | "
+            f"{row['update_median_s']:.2f} | {row['read_once_s']:.2f} | {row['wall_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _phase_table(rows: list[dict]) -> list[str]:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row["phases"] if k not in keys]
+    lines = ["| row | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for row in rows:
+        cells = [f"{row['phases'][k]:.1f}" if k in row["phases"] else "–" for k in keys]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def large_table(session: dict) -> str:
+    """The 7 B rows: merges against the I/O floor, and the search."""
+    lines = [
+        f"Model: {session['params'] / 1e9:.2f} B parameters (Llama: hidden "
+        f"{session['shape']['hidden']}, {session['shape']['layers']} layers), bf16, "
+        f"{session.get('input_bytes', 0) / GB:.1f} GB per checkpoint; mergekit flags "
+        f"`{' '.join(session['settings']['flags'])}`; {session['settings']['repeats']} "
+        "repeat(s), cold page cache (the inputs do not fit next to the other work)",
+        "",
+        "| row | wall s | × I/O floor | CPU s | peak private GB | peak RSS GB | "
+        "agrees with float64 formula |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = session.get("rows", [])
+    floor = next((r["wall_s"] for r in rows if r["key"] == "floor"), None)
+    for row in rows:
+        spread = ""
+        if row["repeats"] > 1:
+            spread = f" ({row['wall_s_min']:.1f}–{row['wall_s_max']:.1f})"
+        ratio = f"{row['wall_s'] / floor:.2f}" if floor else "–"
+        lines.append(
+            f"| {row['label']} | {row['wall_s']:.1f}{spread} | {ratio} | {row['cpu_s']:.1f} | "
+            f"{row['peak_private_bytes'] / GB:.2f} | {row['peak_rss_bytes'] / GB:.2f} | "
+            f"{_agreement(row)} |"
+        )
+    phased = [r for r in rows if r.get("phases")]
+    if phased:
+        lines += ["", "Where the time goes (seconds, median; mergekit rows run `mergekit-yaml` "
+                  "with timers, `benchmarks/scripts/phases.py`):", ""]
+        lines += _phase_table(phased)
+    search = session.get("search")
+    if search:
+        updates = ", ".join(f"{u:.1f}" for u in search["update_seconds"])
+        lines += [
+            "",
+            f"Search, {search['candidates']} candidates × {search['prompts']} prompts × "
+            f"{search['max_new_tokens']} new tokens (ExPO):",
+            "",
+            "| peak private GB | × one checkpoint | peak RSS GB | weights update per candidate s "
+            "| read θ₀ + θ_T once s | total wall s |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {search['peak_private_bytes'] / GB:.2f} | **{search['private_ratio']:.2f}** | "
+            f"{search['peak_rss_bytes'] / GB:.2f} | {updates} | {search['read_once_s']:.1f} | "
+            f"{search['wall_s']:.1f} |",
+        ]
+    waits = session.get("memory_waits", [])
+    waited = sum(w["waited_s"] for w in waits)
+    lines += ["", f"Waited {waited:.0f} s in all for MemAvailable ≥ "
+              f"{session['settings']['min_available_bytes'] / GB:.0f} GB before the "
+              f"{len(waits)} steps."]
+    return "\n".join(lines)

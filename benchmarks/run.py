@@ -46,6 +46,7 @@ class Settings:
     interval: float = 0.02
     quiet_limit: float | None = None  # wait until other processes use fewer cores than this
     quiet_timeout: float = 900.0
+    warm: bool = True  # read the inputs right before each run (False where they cannot fit)
     shapes: list[Shape] = field(default_factory=list)
 
     def shape(self, params: float) -> Shape:
@@ -119,7 +120,7 @@ def run_row(row: Row, work: Path, settings: Settings, repeat: int) -> dict:
     waited, busy = (0.0, None)
     if settings.quiet_limit is not None:
         waited, busy = wait_until_quiet(settings.quiet_limit, settings.quiet_timeout)
-    warm = warm_cache(row.inputs)
+    warm = warm_cache(row.inputs) if settings.warm else None
     load_before = os.getloadavg()
     measurement = run_measured(
         row.command,

@@ -98,6 +98,18 @@ def run(command: list[str]) -> float:
     return seconds
 
 
+def read_inputs_once(models: list[Path]) -> float:
+    """Seconds to read every safetensors byte of ``models`` once (the yardstick of an update)."""
+    buffer = memoryview(bytearray(64 << 20))
+    started = time.perf_counter()
+    for model in models:
+        for shard in sorted(model.glob("*.safetensors")):
+            with open(shard, "rb", buffering=0) as handle:
+                while handle.readinto(buffer):
+                    pass
+    return time.perf_counter() - started
+
+
 def time_search(paths, work: Path, alphas, sampling: dict) -> tuple[float, list[dict]]:
     out = work / "search"
     shutil.rmtree(out, ignore_errors=True)
@@ -213,6 +225,7 @@ def main(workdir, hidden, layers, alphas, prompt_count, max_new_tokens, batch_si
 
     runs = []
     for index in range(repeat):  # interleaved, so slow phases of a shared machine hit both sides
+        read_once = read_inputs_once([paths["sft"], paths["dpo"]])
         search_seconds, search_rows = time_search(paths, workdir, alphas, sampling)
         phases, hand_rows = time_by_hand(paths, workdir, alphas, sampling)
         loop_seconds, loop_rows = time_scripted_loop(paths, workdir, alphas, sampling)
@@ -221,9 +234,12 @@ def main(workdir, hidden, layers, alphas, prompt_count, max_new_tokens, batch_si
             for s, h, h2 in zip(search_rows, hand_rows, loop_rows, strict=True)
         )
         by_hand = sum(phases.values())
+        updates = [r["update_seconds"] for r in search_rows]
         runs.append({
             "search_seconds": round(search_seconds, 2),
             "search_candidate_seconds": [r["seconds"] for r in search_rows],
+            "search_update_seconds": updates,
+            "read_inputs_once_seconds": round(read_once, 3),
             "by_hand_seconds": round(by_hand, 2),
             "by_hand_phases": {k: round(v, 2) for k, v in phases.items()},
             "speedup": round(by_hand / search_seconds, 2),
@@ -236,6 +252,10 @@ def main(workdir, hidden, layers, alphas, prompt_count, max_new_tokens, batch_si
             f"{phases['merge']:.1f} + load {phases['load']:.1f} + score {phases['score']:.1f}); "
             f"speed-up {by_hand / search_seconds:.2f}x; scripted run_merge loop "
             f"{loop_seconds:.1f} s ({loop_seconds / search_seconds:.2f}x); scores identical: {same}"
+        )
+        click.echo(
+            f"  search: weights update per candidate median {statistics.median(updates):.3f} s; "
+            f"reading θ₀ and θ₁ once takes {read_once:.3f} s"
         )
     report = {
         "command": " ".join(sys.argv),
@@ -251,6 +271,12 @@ def main(workdir, hidden, layers, alphas, prompt_count, max_new_tokens, batch_si
         "platform": platform.platform(),
         "torch": torch.__version__,
         "median_search_seconds": statistics.median(r["search_seconds"] for r in runs),
+        "median_update_seconds": statistics.median(
+            u for r in runs for u in r["search_update_seconds"]
+        ),
+        "median_read_inputs_once_seconds": statistics.median(
+            r["read_inputs_once_seconds"] for r in runs
+        ),
         "median_by_hand_seconds": statistics.median(r["by_hand_seconds"] for r in runs),
         "median_speedup": statistics.median(r["speedup"] for r in runs),
         "median_scripted_loop_seconds": statistics.median(

@@ -95,14 +95,19 @@ class Shape:
 
 
 TINY = Shape(hidden=128, intermediate=352, layers=4, heads=4, kv_heads=2, vocab=1024)
+# Llama-2-7B's widths (6.74 B parameters at 32 layers, 13.5 GB in bf16)
+LLAMA_7B = Shape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
 
 
 def shape_for(parameters: float) -> Shape:
     """A Llama shape with about ``parameters`` weights: TinyLlama's widths, as many layers as fit.
 
-    Below 100 M parameters the widths of a tiny test model are used instead.
+    Below 100 M parameters the widths of a tiny test model are used instead, from 5 B on
+    Llama-2-7B's (``7B`` gives its exact shape).
     """
-    base = Shape() if parameters >= 100e6 else TINY
+    base = LLAMA_7B if parameters >= 5e9 else Shape() if parameters >= 100e6 else TINY
+    if base is LLAMA_7B and 6.5e9 <= parameters < 7.5e9:  # "7B" is a name, not a count
+        return LLAMA_7B
     fixed = Shape(**{**asdict(base), "layers": 0}).parameters()
     per_layer = Shape(**{**asdict(base), "layers": 1}).parameters() - fixed
     layers = max(1, round((parameters - fixed) / per_layer))

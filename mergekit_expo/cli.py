@@ -125,6 +125,14 @@ def check(
     help="Wrap prompts in the final model's chat template.",
 )
 @click.option("--device", default="cpu", show_default=True, help="e.g. cuda, cuda:1, mps.")
+@click.option(
+    "--inputs-on-device",
+    type=click.Choice(["auto", "yes", "no"]),
+    default="auto",
+    show_default=True,
+    help="Keep θ₀, θ_T (and θ̄) on --device so a candidate needs no host traffic; auto: on an "
+    "accelerator when they fit, never on the CPU (there they stay memory-mapped).",
+)
 @click.option("--limit", type=int, help="Use only the first N prompts/pairs.")
 @click.option(
     "--write-best",
@@ -188,6 +196,7 @@ def search(config: Path, out_dir: Path, **options) -> None:
                 )
             },
             device=options["device"],
+            inputs_on_device=options["inputs_on_device"],
             limit=options["limit"],
             write_best=options["write_best"],
             save_responses=options["save_responses"],

@@ -25,8 +25,11 @@ DOCUMENTS = [
     *sorted((ROOT / "examples").glob("*/README.md")),
 ]
 QUICK = "tests/test_benchmark_quick.py (`run --quick`, `report`)"
+KERNEL_SMALL = "-m benchmarks kernel --elements 1M --agreement-elements 256K"
+SCALE = "tests/test_benchmark_quick.py (`search-memory`, `breakdown`, `performance --reuse-*`)"
+LARGE_PLAN = "-m benchmarks large --dry-run --cache-dir {tmp}/cache"
 SEARCH_BENCH_SMALL = (
-    "benchmarks/search_bench.py --workdir {tmp} --hidden 64 --layers 2 --alphas 0.1,0.3 "
+    "benchmarks/search_bench.py --workdir {tmp} --hidden 64 --layers 2 --alphas 0.3 "
     "--prompts 2 --max-new-tokens 4 --threads 1 --repeat 1"
 )
 # every benchmark command in the docs -> how the suite runs it
@@ -36,11 +39,8 @@ SMALLEST = {
     "--flag-sweep --plot docs/performance.png --markdown benchmarks/results/report.md": QUICK,
     "python -m benchmarks run --quick": QUICK,
     "python -m benchmarks report benchmarks/results/<session>/results.json --plot out.png": QUICK,
-    "python -m benchmarks kernel": "-m benchmarks kernel --elements 1M",
-    "python -m benchmarks breakdown --wait-quiet 0.3": (
-        "-m benchmarks breakdown --params 2M --repeats 1 --cache-dir {tmp}/cache "
-        "--results-dir {tmp}/results"
-    ),
+    "python -m benchmarks kernel": KERNEL_SMALL,
+    "python -m benchmarks breakdown --wait-quiet 0.3": SCALE,
     "python benchmarks/agreement.py": "benchmarks/agreement.py",
     "python -m benchmarks startup": "-m benchmarks startup --runs 3",
     "python -m benchmarks staging": (
@@ -52,15 +52,22 @@ SMALLEST = {
     ),
     "python benchmarks/search_bench.py --workdir /tmp/sbench-big --hidden 2048 --layers 16 "
     "--prompts 8 --max-new-tokens 16 --threads 1 --repeat 2": SEARCH_BENCH_SMALL,
+    "python -m benchmarks search-memory": SCALE,
+    "python -m benchmarks performance --markdown docs/performance.md --plot docs/performance.png":
+    SCALE,
+    "python -m benchmarks large --params 7B --repeats 3": LARGE_PLAN,
+    "python -m benchmarks large --dry-run": LARGE_PLAN,
+    "python -m benchmarks large --params 7B --repeats 1 --no-verify": LARGE_PLAN,
 }
 # what each smallest form must print: it ran to the end and checked its numbers
 EXPECTED = {
-    "-m benchmarks kernel --elements 1M": r"worst: expo \(float64 slices, reused scratch\)",
-    SMALLEST["python -m benchmarks breakdown --wait-quiet 0.3"]: r"\| merge method \(kernel",
+    KERNEL_SMALL: r"worst: expo \(float64 slices, reused scratch\)",
+    # the 7 B run writes ~40 GB for ~40 min: never in CI; its smallest form plans and checks disk
+    LARGE_PLAN: r"plan: 6,738,415,616 parameters, 13\.5 GB per checkpoint; writes",
     "benchmarks/agreement.py": r"iterative alpha=1\.7 lambda=0\.2: expo 99\.99",
     "-m benchmarks startup --runs 3": r"added by the start-up hook: [+-]\d+\.\d ms wall",
     SMALLEST["python -m benchmarks staging"]: r"re-run: +in place \(mergekit alone\) [\d.]+ s",
-    SEARCH_BENCH_SMALL: r'"scores_identical": true',
+    SEARCH_BENCH_SMALL: r'(?s)weights update per candidate median .* "scores_identical": true',
 }
 
 
@@ -77,6 +84,7 @@ def documented_commands(prefixes: tuple[str, ...]) -> set[str]:
         inline = re.findall(r"(?<!`)`([^`\n]+)`(?!`)", path.read_text(encoding="utf-8"))
         for line in [*inline, *(ln for block in bash_blocks(path) for ln in block.splitlines())]:
             line = " ".join(line.split("  #")[0].split())
+            line = re.sub(r" --reuse-\w+ \S+", "", line)  # a local session's JSON: not a form
             if line.startswith(prefixes):
                 found.add(line)
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,48 +48,109 @@ def test_start_up_hook_imports_nothing_but_its_own_modules(tmp_path):
     assert plugged - bare == {"mergekit_expo", "mergekit_expo._startup", "mergekit_expo.merge"}
 
 
-@pytest.mark.parametrize(
-    "first_import",
-    [
-        "mergekit.merge",
-        "mergekit.merge_methods",
-        "mergekit.card",
-        "mergekit_expo.merge.method",
-        "mergekit_expo.merge.roles",
-        "mergekit.scripts.multimerge",
-    ],
+FIRST_IMPORTS = [
+    "mergekit.merge",
+    "mergekit.merge_methods",
+    "mergekit.card",
+    "mergekit_expo.merge.method",
+    "mergekit_expo.merge.roles",
+    "mergekit.scripts.multimerge",
+]
+REGISTERED_ONCE = (
+    "from mergekit.merge_methods import get, registered_methods\n"
+    "assert get('expo').spec.name == 'expo'\n"
+    "assert [m.spec.name for m in registered_methods()].count('expo') == 1\n"
+    "import mergekit.merge, mergekit.card\n"
+    "assert getattr(mergekit.merge.generate_card, '__mergekit_expo__', False)\n"
 )
-def test_registered_whatever_is_imported_first(first_import):
-    python(
-        f"import {first_import}\n"
-        "from mergekit.merge_methods import get, registered_methods\n"
-        "assert get('expo').spec.name == 'expo'\n"
-        "assert [m.spec.name for m in registered_methods()].count('expo') == 1\n"
-        "import mergekit.merge, mergekit.card\n"
-        "assert getattr(mergekit.merge.generate_card, '__mergekit_expo__', False)\n"
-    )
-
-
-def test_opt_out_and_explicit_idempotent_registration():
-    python(
+CHECKS = {
+    **{f"first:{module}": f"import {module}\n" + REGISTERED_ONCE for module in FIRST_IMPORTS},
+    "auto-then-explicit": (
+        "import mergekit_expo\n"
+        "from mergekit.merge_methods import registered_methods, get\n"
+        "first = get('expo'); mergekit_expo.register()\n"
+        "assert get('expo') is first\n"
+    ),
+}
+OPT_OUT_CHECKS = {
+    "opt-out-then-explicit": (
         "from mergekit.merge_methods import registered_methods\n"
         "assert 'expo' not in [m.spec.name for m in registered_methods()]\n"
         "import mergekit.merge\n"
         "import mergekit_expo\n"
         "mergekit_expo.register(); mergekit_expo.register()\n"
         "assert [m.spec.name for m in registered_methods()].count('expo') == 1\n"
-        "assert getattr(mergekit.merge.generate_card, '__mergekit_expo__', False)\n",
-        MERGEKIT_EXPO_DISABLE="1",
-    )
+        "assert getattr(mergekit.merge.generate_card, '__mergekit_expo__', False)\n"
+    ),
+}
+# One interpreter (started as any, with the .pth) imports mergekit's heavy dependencies once —
+# torch, transformers, peft: ~8 s — but no mergekit module, then forks a fresh child per check,
+# so each check still sees mergekit imported for the first time, in its own order.
+DRIVER = """
+import json, os, sys, traceback
+import torch, transformers, peft, pydantic
+assert not [m for m in sys.modules if m.split('.')[0] in ('mergekit', 'mergekit_expo.merge')]
+results = {}
+for name, code in json.loads(sys.argv[1]).items():
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            exec(compile(code, name, 'exec'), {'__name__': '__check__'})
+            message = 'ok'
+        except BaseException:
+            message = traceback.format_exc()
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as handle:
+        results[name] = handle.read()
+    os.waitpid(pid, 0)
+print('RESULTS ' + json.dumps(results))
+"""
 
 
-def test_auto_registration_then_explicit_register_is_a_no_op():
-    python(
-        "import mergekit_expo\n"
-        "from mergekit.merge_methods import registered_methods, get\n"
-        "first = get('expo'); mergekit_expo.register()\n"
-        "assert get('expo') is first\n"
+def run_checks(checks: dict[str, str], **env) -> dict[str, str]:
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(checks)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
     )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("RESULTS "))
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.fixture(scope="module")
+def check_results() -> dict[str, str]:
+    return run_checks(CHECKS)
+
+
+@pytest.mark.parametrize("first_import", FIRST_IMPORTS)
+def test_registered_whatever_is_imported_first(first_import, check_results):
+    assert check_results[f"first:{first_import}"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def opt_out_results() -> dict[str, str]:
+    # the same check as with the hook, which must fail here: the driver does report failures
+    without_hook = {"no-hook:mergekit.merge": "import mergekit.merge\n" + REGISTERED_ONCE}
+    return run_checks({**OPT_OUT_CHECKS, **without_hook}, MERGEKIT_EXPO_DISABLE="1")
+
+
+def test_opt_out_and_explicit_idempotent_registration(opt_out_results):
+    assert opt_out_results["opt-out-then-explicit"] == "ok"
+
+
+def test_a_failing_check_is_reported(opt_out_results):
+    assert "Traceback" in opt_out_results["no-hook:mergekit.merge"]
+
+
+def test_auto_registration_then_explicit_register_is_a_no_op(check_results):
+    assert check_results["auto-then-explicit"] == "ok"
 
 
 def fresh_venv(root: Path) -> Path:

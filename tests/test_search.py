@@ -117,7 +117,7 @@ CASES = {
         lambda f: expo(f["sft"], *f["iterates"][:2], f["final"]),
         [(0.4, 0.3), (25.0, 0.2), (0.3, 1.0)],
     ),
-    # float32 inputs, three intermediates held as their float64 mean, rounded twice as mergekit does
+    # inputs cast to float32, three intermediates, rounded twice as mergekit does
     "iterative-fp32-to-bf16": (
         lambda f: {**expo(f["sft"], *f["iterates"], f["final"]), "dtype": "float32",
                    "out_dtype": "bfloat16"},
@@ -138,20 +138,47 @@ def test_candidate_weights_equal_a_real_merge_bit_for_bit(case, family, tmp_path
     make_config, candidates = CASES[case]
     config = make_config(family)
     path = write_config(tmp_path / "c.yml", config)
-    weights = CandidateWeights(load_search_config(path), need_intermediates=True, progress=False)
+    search = load_search_config(path)
+    streamed = CandidateWeights(search, need_intermediates=True, progress=False)
+    # the same inputs copied onto the model's device ("cpu" here: the --device cuda code path)
+    resident = CandidateWeights(
+        search, need_intermediates=True, progress=False, inputs_on_device="yes"
+    )
+    assert not streamed.resident and resident.resident
     if case == "iterative-fp32-to-bf16":
-        assert len(weights.targets[0].intermediates) == 1  # θ̄ held once, in float64
-        assert weights.targets[0].intermediates[0].dtype == torch.float64
+        # streamed: the three intermediates stay as read (mapped bf16, cast to float32 one tensor
+        # at a time per candidate), never averaged up front
+        assert [t.dtype for t in streamed.targets[0].intermediates] == [torch.bfloat16] * 3
+        # resident: θ̄ held once in float64, where that is smaller than three float32 copies
+        assert [t.dtype for t in resident.targets[0].intermediates] == [torch.float64]
     for alpha, lam in candidates:
-        weights.apply(alpha, lam)
         merged = load(run_merge_in_process(
             {**config, "parameters": {"alpha": alpha, "lambda": lam}}, tmp_path / f"m{alpha}-{lam}"
         ))
-        ours = weights.state_dict()
-        assert set(ours) == set(merged)
-        for name, tensor in merged.items():
-            assert ours[name].dtype == tensor.dtype, name
-            assert torch.equal(ours[name], tensor), (case, alpha, lam, name)
+        for weights in (streamed, resident):
+            weights.apply(alpha, lam)
+            assert weights.update_seconds > 0
+            ours = weights.state_dict()
+            assert set(ours) == set(merged)
+            for name, tensor in merged.items():
+                assert ours[name].dtype == tensor.dtype, name
+                assert torch.equal(ours[name], tensor), (case, alpha, lam, weights.resident, name)
+
+
+def test_resident_inputs_that_do_not_fit_are_refused_or_streamed(family, tmp_path, monkeypatch):
+    from mergekit_expo.search import candidates
+
+    config = expo(family["sft"], *family["iterates"], family["final"])
+    search = load_search_config(write_config(tmp_path / "c.yml", config))
+    monkeypatch.setattr(candidates, "free_device_bytes", lambda device: 10_000_000)
+    with pytest.raises(SearchConfigError, match=r"inputs-on-device yes: .* need 0\.\d+ GB on cpu.*"
+                       r"free memory there is 0\.01 GB.*--inputs-on-device no"):
+        CandidateWeights(search, need_intermediates=True, progress=False, inputs_on_device="yes")
+    # auto keeps host inputs mapped on the CPU, whatever is free
+    weights = CandidateWeights(search, need_intermediates=True, progress=False)
+    assert not weights.resident
+    assert all(not t.reference.is_floating_point() or t.reference.dtype == torch.bfloat16
+               for t in weights.targets if t.reference is not None)
 
 
 def test_candidate_decodes_exactly_like_the_merged_model_loaded_from_disk(family, tmp_path):
@@ -270,6 +297,7 @@ def test_write_best_runs_the_real_merge_for_the_winner(family, tmp_path, prompts
                                  lambdas=[0.0, 0.5], scorer=spec, write_best=out))
     winner = report.winner
     assert winner["mean"] == max(r["mean"] for r in report.rows)
+    assert all(0 < r["update_seconds"] < r["seconds"] for r in report.rows)
     assert report.merged == out and (out / "config.json").exists()
     written = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert written["parameters"] == {"alpha": winner["alpha"], "lambda": winner["lambda"]}

@@ -1,16 +1,21 @@
 """One model in memory whose weights become each (α, λ) candidate in place.
 
-θ₀, θ_T (and the intermediates, or their float64 mean θ̄) are read once through mergekit's own
-tensor loader, cast exactly as the merge casts them (``dtype:``), and each candidate is written
-into the model's parameters with :func:`mergekit_expo.merge.formula.extrapolate` — the kernel of
-the merge method — then cast as the merge casts its output (``out_dtype:``). A candidate is
-therefore bit-identical to what ``mergekit-yaml`` would write for the same α and λ, without
-writing or loading a model.
+θ₀, θ_T and the intermediates are opened once through mergekit's own tensor loader, which maps
+the safetensors files: they stay file pages (reclaimable page cache), not private memory. Each
+candidate is written into the model's parameters tensor by tensor with
+:func:`mergekit_expo.merge.formula.extrapolate` — the kernel of the merge method, which also
+averages the intermediates into θ̄ slice by slice in float64 — after casting each input exactly
+as the merge casts it (``dtype:``, one tensor at a time), then cast as the merge casts its output
+(``out_dtype:``). A candidate is therefore bit-identical to what ``mergekit-yaml`` would write for
+the same α and λ, and private memory is the model plus one tensor, whatever the number of
+intermediates. ``inputs_on_device`` instead keeps the inputs resident on the model's device (a
+GPU), so that a candidate needs no host traffic.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -26,6 +31,11 @@ LOG = logging.getLogger("mergekit_expo")
 
 # Config keys that legitimately differ between θ₀ and θ_T without changing the network.
 CONFIG_KEYS_IGNORED = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
+# Resident inputs must leave this much of the device's free memory for generation and scoring
+# (activations, KV cache, a reward model): the larger of 1 GiB and 10 % of what is free.
+RESIDENT_RESERVE_BYTES = 1 << 30
+RESIDENT_RESERVE_SHARE = 0.1
+INPUTS_ON_DEVICE = ("auto", "yes", "no")
 
 
 class CandidateOverflow(NonFiniteError):
@@ -39,10 +49,11 @@ class _Target:
     final: torch.Tensor
     reference: torch.Tensor | None = None  # stays None for non-float tensors (merge copies θ_T)
     intermediates: tuple[torch.Tensor, ...] = ()
+    dtype: torch.dtype | None = None  # what the merge's kernel sees (after ``dtype:``)
 
     @property
     def floating(self) -> bool:
-        return self.final.is_floating_point()
+        return (self.dtype or self.final.dtype).is_floating_point
 
 
 class CandidateWeights:
@@ -55,8 +66,14 @@ class CandidateWeights:
         device: str = "cpu",
         need_intermediates: bool = False,
         progress: bool = True,
+        inputs_on_device: str = "auto",
     ):
         from mergekit.common import dtype_from_name
+
+        if inputs_on_device not in INPUTS_ON_DEVICE:
+            raise ValueError(f"inputs_on_device must be one of {INPUTS_ON_DEVICE}")
+        started = time.perf_counter()
+        self.resident = False  # inputs copied onto the model's device (else mapped on the host)
 
         self.search = search
         if not progress:
@@ -69,7 +86,7 @@ class CandidateWeights:
         final_tensors = {}
         names = list(loaders["final"].index.tensor_paths)
         for name in tqdm(names, desc="Reading θ_T", disable=not progress, leave=False):
-            final_tensors[name] = self._cast(loaders["final"].get_tensor(name))
+            final_tensors[name] = loaders["final"].get_tensor(name)  # mapped, cast when used
         loaders["final"].flush()
         self.merge_dtypes = self._merge_dtypes(final_tensors)
         weights = Counter()  # elements per dtype the merge writes, before out_dtype
@@ -83,14 +100,20 @@ class CandidateWeights:
         del final_tensors
         self._read_reference_and_intermediates(need_intermediates, progress)
         self._warn_if_unrelated()
+        self._place_inputs(inputs_on_device, progress)
         self.applied: tuple[float, float] | None = None
+        self.read_seconds = time.perf_counter() - started  # model load and input mapping
+        self.update_seconds: float | None = None  # of the last apply()
+        self.update_times: list[float] = []  # of every finished apply()
 
     # -- reading ---------------------------------------------------------------------------
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.input_dtype is not None and tensor.dtype != self.input_dtype:
-            return tensor.to(self.input_dtype)
-        return tensor
+        """The tensor as the merge's kernel sees it (``dtype:``); resident inputs are cast
+        already (and a resident float64 θ̄ must stay float64)."""
+        if self.resident or self.input_dtype is None or tensor.dtype == self.input_dtype:
+            return tensor
+        return tensor.to(self.input_dtype)
 
     def _merge_dtypes(self, final_tensors: dict[str, torch.Tensor]) -> dict[str, torch.dtype]:
         """Per tensor, the dtype the merge computes and rounds to before ``out_dtype``.
@@ -136,7 +159,8 @@ class CandidateWeights:
                     f"tensor {found}: final checkpoint shape {tuple(final.shape)} differs from "
                     f"the model built from its config {tuple(parameter.shape)}"
                 )
-            targets.append(_Target(found, parameter, final))
+            dtype = self.merge_dtypes[found]
+            targets.append(_Target(found, parameter, final, dtype=dtype))
         return targets
 
     def _read_reference_and_intermediates(self, need_intermediates: bool, progress: bool) -> None:
@@ -144,17 +168,16 @@ class CandidateWeights:
         reference = search.reference.lazy_loader(lazy_unpickle=False)
         models = list(search.intermediates) if need_intermediates else []
         mids = [m.lazy_loader(lazy_unpickle=False) for m in models]
-        # keep the intermediates as read unless their float64 mean θ̄ takes less memory
-        keep_list = len(mids) * self.tensor_dtype.itemsize <= torch.float64.itemsize
-        for target in tqdm(self.targets, desc="Reading θ₀, θ̄", disable=not progress, leave=False):
+        # all mapped, never averaged up front: the kernel sums them per slice (flat memory)
+        for target in tqdm(self.targets, desc="Mapping θ₀, θ_t", disable=not progress,
+                           leave=False):
             if not target.floating:
                 continue
             target.reference = self._read(reference, search.reference, target)
-            loaded = [
+            target.intermediates = tuple(
                 self._read(loader, model, target)
                 for loader, model in zip(mids, models, strict=True)
-            ]
-            target.intermediates = tuple(loaded) if keep_list or not loaded else (_mean64(loaded),)
+            )
         for loader in (reference, *mids):
             loader.flush()
 
@@ -165,7 +188,7 @@ class CandidateWeights:
                 f"tensor {name} of the final model {self.search.final} is missing from {model}; "
                 "the search needs every model to have the same tensor names and shapes"
             )
-        tensor = self._cast(loader.get_tensor(name))
+        tensor = loader.get_tensor(name)
         if tuple(tensor.shape) != tuple(target.final.shape):
             raise SearchConfigError(
                 f"tensor {name}: shape {tuple(tensor.shape)} in {model} differs from "
@@ -173,6 +196,37 @@ class CandidateWeights:
                 "search needs identical shapes (no vocabulary union)"
             )
         return tensor
+
+    def _place_inputs(self, mode: str, progress: bool) -> None:
+        """Copy the inputs onto the model's device if asked (``yes``) or if they fit (``auto``
+        on an accelerator); otherwise they stay mapped on the host and stream per candidate."""
+        device = next(self.model.parameters()).device
+        if mode == "no" or (mode == "auto" and device.type == "cpu"):
+            return
+        need = resident_bytes(self.targets)
+        free = free_device_bytes(device)
+        reserve = None if free is None else max(RESIDENT_RESERVE_BYTES,
+                                                 int(RESIDENT_RESERVE_SHARE * free))
+        fits = free is not None and need + reserve <= free
+        if not fits:
+            where = "unknown" if free is None else f"{free / 1e9:.2f} GB"
+            text = (
+                f"the inputs (θ₀, θ_T and the intermediates or their float64 mean θ̄) need "
+                f"{need / 1e9:.2f} GB on {device}, free memory there is {where}"
+                + ("" if reserve is None else f" of which {reserve / 1e9:.2f} GB stay reserved")
+            )
+            if mode == "yes":
+                raise SearchConfigError(
+                    f"--inputs-on-device yes: {text}; use --inputs-on-device no (inputs stream "
+                    "from the host for every candidate) or a device with more memory"
+                )
+            LOG.info("expo search: inputs stay on the host (%s)", text)
+            return
+        for target in tqdm(self.targets, desc=f"Inputs to {device}", disable=not progress,
+                           leave=False):
+            _make_resident(target, device)
+        self.resident = True
+        LOG.info("expo search: inputs resident on %s (%.2f GB)", device, need / 1e9)
 
     def _warn_if_unrelated(self) -> None:
         threshold = self.search.warn_relative_change
@@ -183,7 +237,7 @@ class CandidateWeights:
             if len(target.intermediates) == len(self.search.intermediates):  # not averaged
                 pairs += list(zip(self.search.intermediates, target.intermediates, strict=True))
             for model, tensor in pairs:
-                change = relative_change(tensor, target.reference)
+                change = relative_change(tensor, target.reference)  # samples rows, in float32
                 if change is not None and change > threshold:
                     LOG.warning(
                         "expo: model %s differs from the reference %s by %.3g of its norm in %s "
@@ -203,23 +257,25 @@ class CandidateWeights:
                 f"lambda = {lam:g} needs intermediate checkpoints: list them under `models:` "
                 "before the final one, or search lambda 0 only"
             )
+        started = time.perf_counter()
         for target in self.targets:
             parameter = target.parameter.data
+            final = self._cast(target.final)
             if not target.floating:
-                parameter.copy_(target.final)
+                parameter.copy_(final)
                 continue
+            reference = self._cast(target.reference)
+            intermediates = tuple(self._cast(t) for t in target.intermediates) if lam else ()
             merge_dtype = self.merge_dtypes[target.name]
             written = self.out_dtype or merge_dtype
-            if parameter.dtype == written == merge_dtype and parameter.device.type == "cpu":
+            if parameter.dtype == written == merge_dtype and parameter.device == final.device:
                 _, finite = extrapolate_checked(
-                    target.reference, target.final, target.intermediates,
-                    alpha=alpha, lam=lam, out=parameter,
+                    reference, final, intermediates, alpha=alpha, lam=lam, out=parameter,
                 )
             else:  # round as mergekit does: to the input dtype, then to out_dtype
                 rounded = torch.empty_like(target.final, dtype=merge_dtype)
                 result = extrapolate(
-                    target.reference, target.final, target.intermediates, alpha=alpha, lam=lam,
-                    out=rounded,
+                    reference, final, intermediates, alpha=alpha, lam=lam, out=rounded,
                 ).to(written)
                 parameter.copy_(result)
                 finite = bool(torch.isfinite(result).all())
@@ -228,6 +284,8 @@ class CandidateWeights:
                 self._raise_if_inputs_not_finite(target, lam)
                 raise CandidateOverflow(overflow_message(target.name, written, alpha, lam))
         self.applied = (alpha, lam)
+        self.update_seconds = time.perf_counter() - started
+        self.update_times.append(self.update_seconds)
 
     def _raise_if_inputs_not_finite(self, target: _Target, lam: float) -> None:
         """A damaged checkpoint, not this α, when an input itself holds inf/NaN (checked lazily:
@@ -241,7 +299,7 @@ class CandidateWeights:
         else:  # their float64 mean is non-finite if any of them is
             inputs += [("the intermediate checkpoints", t) for t in target.intermediates]
         for model, tensor in inputs:
-            bad = int((~torch.isfinite(tensor)).sum())
+            bad = int((~torch.isfinite(self._cast(tensor))).sum())
             if bad:
                 raise NonFiniteError(
                     f"expo: input tensor {target.name} of model {model} has {bad} non-finite "
@@ -253,7 +311,7 @@ class CandidateWeights:
         """θ₀ itself (the DPO reference policy), in the model's dtype."""
         for target in self.targets:
             source = target.reference if target.floating else target.final
-            target.parameter.data.copy_(source)
+            target.parameter.data.copy_(self._cast(source))
         self.applied = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -298,6 +356,56 @@ def _warn_if_configs_differ(search: SearchConfig, model) -> None:
 def _generation(config) -> dict:
     ignored = {"transformers_version", "_from_model_config"}
     return {k: v for k, v in config.to_diff_dict().items() if k not in ignored}
+
+
+def resident_bytes(targets: list[_Target]) -> int:
+    """Device memory the inputs take when resident: θ₀, θ_T and the intermediates in the merge's
+    dtype, or their float64 mean θ̄ where that is smaller."""
+    total = 0
+    for target in targets:
+        size = target.final.numel() * target.dtype.itemsize
+        if not target.floating:
+            total += size
+            continue
+        mids = len(target.intermediates) * size
+        mean = target.final.numel() * torch.float64.itemsize if target.intermediates else 0
+        total += 2 * size + min(mids, mean)
+    return total
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (host: MemAvailable), or None where torch cannot tell."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as handle:
+                for line in handle:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def _make_resident(target: _Target, device: torch.device) -> None:
+    """Copy one tensor's inputs onto ``device`` in the merge's dtype (θ̄ as its float64 mean if
+    that is smaller than the intermediates)."""
+    dtype = target.dtype
+
+    def moved(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=device, dtype=dtype, copy=True)
+
+    target.final = moved(target.final)
+    if not target.floating:
+        return
+    target.reference = moved(target.reference)
+    mids = target.intermediates
+    if len(mids) * dtype.itemsize > torch.float64.itemsize:
+        cast = [t.to(dtype) for t in mids]  # the kernel averages the cast inputs
+        target.intermediates = (_mean64(cast).to(device),)
+    else:
+        target.intermediates = tuple(moved(t) for t in mids)
 
 
 def _mean64(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -130,7 +130,8 @@ def _score_candidates(settings, search, scorer, data, pending, results, key_sett
 
     need_mids = any(lam for _, lam in pending)
     weights = CandidateWeights(
-        search, device=settings.device, need_intermediates=need_mids, progress=settings.progress
+        search, device=settings.device, need_intermediates=need_mids, progress=settings.progress,
+        inputs_on_device=settings.inputs_on_device,
     )
     tokenizer = load_tokenizer(search, side="left")
     sampler = None
@@ -151,6 +152,7 @@ def _score_candidates(settings, search, scorer, data, pending, results, key_sett
         except CandidateOverflow as error:
             row.update(mean=None, error=str(error))
         else:
+            row["update_seconds"] = round(weights.update_seconds, 3)
             if sampler is not None:
                 responses = sampler.generate(progress=settings.progress)
                 texts = [r.text for r in responses]
@@ -178,6 +180,18 @@ def _score_candidates(settings, search, scorer, data, pending, results, key_sett
         else:
             LOG.info("expo search: %s", describe(row))
     bar.close()
+    LOG.info("expo search: %s", update_summary(weights))
+
+
+def update_summary(weights) -> str:
+    """Time to map the inputs and build the model once, against the per-candidate update."""
+    where = "resident on the device" if weights.resident else "mapped, streamed per candidate"
+    updates = weights.update_times
+    median = f"{statistics.median(updates):.2f} s" if updates else "–"
+    return (
+        f"inputs ({where}) and model ready in {weights.read_seconds:.1f} s; weights update per "
+        f"candidate: median {median} over {len(updates)}"
+    )
 
 
 def describe(row: dict[str, Any]) -> str:
@@ -190,6 +204,8 @@ def describe(row: dict[str, Any]) -> str:
         text += f", length {row['mean_length_tokens']:.1f} tokens"
     if row.get("mean_margin") is not None:
         text += f", margin {row['mean_margin']:.4g}"
+    if row.get("update_seconds") is not None:
+        text += f", weights updated in {row['update_seconds']:.2f} s"
     return text + f", {row['seconds']:.1f} s"
 
 

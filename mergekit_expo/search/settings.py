@@ -70,6 +70,8 @@ class SearchSettings(BaseModel):
     scorer: CallableScorerSpec | RewardModelSpec | DpoSpec = Field(discriminator="kind")
     sampling: SamplingSettings = SamplingSettings()
     device: str = "cpu"
+    # keep θ₀/θ_T/θ̄ resident on --device: auto = on an accelerator when they fit (docs/search.md)
+    inputs_on_device: Literal["auto", "yes", "no"] = "auto"
     limit: int | None = Field(None, ge=1, description="use only the first N prompts/pairs")
     write_best: Path | None = None
     save_responses: bool = False
