@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -169,14 +170,20 @@ class CandidateWeights:
     # -- candidates ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def apply(self, alpha: float, lam: float) -> None:
-        """Overwrite the model's weights with θ(α, λ), exactly as the merge computes them."""
+    def apply(self, alpha: float, lam: float, *, only: Collection[str] | None = None) -> None:
+        """Overwrite the model's weights with θ(α, λ), exactly as the merge computes them.
+
+        ``only``: the checkpoint names of the tensors to write (a group of tensors with its own
+        α and λ, see ``search/grouped.py``); the others keep whatever they hold.
+        """
         if lam and not any(t.intermediates for t in self.targets):
             raise SearchConfigError(
                 f"lambda = {lam:g} needs intermediate checkpoints: list them under `models:` "
                 "before the final one, or search lambda 0 only"
             )
         for target in self.targets:
+            if only is not None and target.name not in only:
+                continue
             parameter = target.parameter.data
             if not target.floating:
                 parameter.copy_(target.final)
@@ -198,7 +205,7 @@ class CandidateWeights:
                 self.applied = None
                 self._raise_if_inputs_not_finite(target, lam)
                 raise CandidateOverflow(overflow_message(target.name, written, alpha, lam))
-        self.applied = (alpha, lam)
+        self.applied = (alpha, lam) if only is None else None
 
     def _raise_if_inputs_not_finite(self, target: _Target, lam: float) -> None:
         """A damaged checkpoint, not this α, when an input itself holds inf/NaN (checked lazily:
