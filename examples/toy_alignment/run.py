@@ -70,8 +70,10 @@ def train_all(out: Path, settings) -> dict:
 @click.option("--reuse-training", is_flag=True,
               help="Evaluate the checkpoints of an earlier run in OUT_DIR (train.json).")
 @click.option("--module-trials", type=int, help="Per-group trials per setting [default: 40].")
+@click.option("--modules-only", is_flag=True,
+              help="Evaluate only the per-module part (uniform vs per-group α, guard, criteria).")
 def main(out_dir: Path, smoke: bool, seed: int, skip_eval: bool, reuse_training: bool,
-         module_trials: int | None) -> None:
+         module_trials: int | None, modules_only: bool) -> None:
     """Train the toy task's SFT/DPO/iterative-DPO models in OUT_DIR and evaluate ExPO on them."""
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -96,7 +98,14 @@ def main(out_dir: Path, smoke: bool, seed: int, skip_eval: bool, reuse_training:
     click.echo(f"training: {train['timings']['training_total']:.0f} s")
     if skip_eval:
         return
-    results = toy_eval.evaluate(out, train, settings, evaluation)
+    if modules_only:
+        (out / "eval").mkdir(parents=True, exist_ok=True)
+        toy_eval.write_prompts(out / "eval", settings, evaluation)
+        toy_eval.write_config(out / "eval" / "iterative" / "expo.yml", Path(train["sft"]),
+                              [Path(p) for p in train["iterative"]])
+        results = {"eval_settings": evaluation.__dict__, "timings": {}, "plots": []}
+    else:
+        results = toy_eval.evaluate(out, train, settings, evaluation)
     modules = toy_modules.ModuleSettings(**(toy_modules.SMOKE_MODULES if smoke else {}))
     if module_trials is not None:
         modules.trials = module_trials
@@ -111,8 +120,8 @@ def main(out_dir: Path, smoke: bool, seed: int, skip_eval: bool, reuse_training:
     results["loadavg"] = {"start": load_before, "end": os.getloadavg()}
     results["cpu_count"] = os.cpu_count()
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    report = toy_plots.markdown_tables(results) + "\n" + toy_modules.markdown(
-        results["modules"], seed)
+    report = "" if modules_only else toy_plots.markdown_tables(results) + "\n"
+    report += toy_modules.markdown(results["modules"], seed)
     (out / "report.md").write_text(report)
     click.echo(report)
     click.echo(f"total: {results['wall_seconds_this_command']:.0f} s; results in {out}")

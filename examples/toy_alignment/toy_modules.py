@@ -230,6 +230,12 @@ def evaluate_modules(out: Path, train: dict, settings, ev, ms: ModuleSettings,
         if name in results.get("dpo", {}):
             entry["fraction"] = results["dpo"][name]["fraction"]
             entry["test_plain"] = results["dpo"][name]["test_plain"]
+        elif name != "iterative":  # --modules-only: the checkpoint itself, measured here
+            step = int(name.removeprefix("dpo_step"))
+            entry["fraction"] = step / settings.dpo_steps
+            entry["test_plain"] = toy_eval.measure(
+                Path(train["dpo"][str(step)]), toy_eval.read_prompt_file(files["test"]), ev
+            ).as_dict()
         entries[name] = entry
     return {"settings": {**ms.__dict__, "groups": list(ms.groups)}, "entries": entries}
 
