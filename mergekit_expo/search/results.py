@@ -1,8 +1,10 @@
 """The search's results file: JSONL, one line per finished candidate, appended as it finishes.
 
 Every row carries a key: a hash of everything that decides a candidate's score apart from α and
-λ (models, config, prompts, scorer, sampling settings). A re-run with the same key skips the
-(α, λ) it already has; rows with another key stay in the file but are never reused.
+λ (models, config, prompts, scorer, sampling settings; groups, guard and hold-out split when
+used). A re-run with the same key skips the (α, λ) it already has, and the per-group candidates
+(``groups: {group: [α, λ]}``) it already has; rows with another key stay in the file but are
+never reused.
 """
 
 from __future__ import annotations
