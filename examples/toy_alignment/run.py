@@ -69,7 +69,7 @@ def train_all(out: Path, settings) -> dict:
 @click.option("--skip-eval", is_flag=True, help="Train only.")
 @click.option("--reuse-training", is_flag=True,
               help="Evaluate the checkpoints of an earlier run in OUT_DIR (train.json).")
-@click.option("--module-trials", type=int, help="Per-group trials per setting [default: 40].")
+@click.option("--module-trials", type=int, help="Per-group trials per setting [default: 20].")
 @click.option("--modules-only", is_flag=True,
               help="Evaluate only the per-module part (uniform vs per-group α, guard, criteria).")
 def main(out_dir: Path, smoke: bool, seed: int, skip_eval: bool, reuse_training: bool,

@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 class ModuleSettings:
     """Budget of the per-module part (``--smoke`` shrinks it)."""
 
-    trials: int = 40
+    trials: int = 20
     trial_seed: int = 0
     groups: tuple[str, ...] = ("modules",)
     guard_texts: int = 256  # SFT demonstrations of the dev prompts (the guard's texts)
