@@ -54,11 +54,7 @@ def plot_search(
     bottom.set_xlabel("α (extrapolation)")
     bottom.grid(alpha=0.3)
     top.set_title("mergekit-expo search")
-    figure.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out)
-    return out
+    return _save(figure, out)
 
 
 def _second_panel(rows) -> tuple[str | None, str]:
@@ -115,6 +111,10 @@ def plot_guard(
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     axes.set_title("mergekit-expo search: reward vs guard")
+    return _save(figure, out)
+
+
+def _save(figure, out: str | Path) -> Path:
     figure.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
