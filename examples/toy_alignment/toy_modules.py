@@ -375,7 +375,53 @@ def combined(runs: list[dict]) -> str:
                 f"{_pm(mod)} | {entry['difference_test']:+.2f} ± {entry['difference_se']:.2f} "
                 f"| {gap:+.2f} ± {gap_se:.2f} |"
             )
+    lines += ["", "Where the reward comes from (test; per answer: words, on-topic words, bad "
+              "words; share over 12 words), uniform → per-group:", "",
+              "| seed | setting | length | on-topic | bad | > 12 words |",
+              "|---|---|---|---|---|---|"]
+    for run in runs:
+        for name, entry in run["modules"]["entries"].items():
+            uni, mod = entry["uniform"]["test"], entry["modules"]["test"]
+            lines.append(
+                f"| {run['seed']} | {_label(name, entry)} | {uni['length']:.1f} → "
+                f"{mod['length']:.1f} | {uni['on_topic']:.2f} → {mod['on_topic']:.2f} | "
+                f"{uni['bad']:.2f} → {mod['bad']:.2f} | {uni['over_length']:.0%} → "
+                f"{mod['over_length']:.0%} |"
+            )
+    lines += ["", criteria_summary(runs), "", cost_summary(runs)]
     return "\n".join(lines) + "\n"
+
+
+def criteria_summary(runs: list[dict]) -> str:
+    """Per criterion, over every setting and seed: mean |α − gold-best α| and the mean dev gold
+    reward lost against the gold-best α (both at the gold-best λ)."""
+    totals: dict[str, list[tuple[float, float]]] = {}
+    for run in runs:
+        for entry in run["modules"]["entries"].values():
+            picks = entry["criteria"]["picks"]
+            gold = picks["gold (dev reward)"]
+            for name, pick in picks.items():
+                if name == "gold (dev reward)" or pick["alpha"] is None:
+                    continue
+                totals.setdefault(name, []).append(
+                    (abs(pick["alpha"] - gold["alpha"]), gold["gold_dev"] - pick["gold_dev"]))
+    lines = ["| reward-free criterion | mean abs(α − gold-best α) | mean dev reward lost | "
+             "settings |", "|---|---|---|---|"]
+    for name, values in sorted(totals.items(), key=lambda kv: sum(v[0] for v in kv[1])):
+        lines.append(f"| {name} | {sum(v[0] for v in values) / len(values):.2f} | "
+                     f"{sum(v[1] for v in values) / len(values):.2f} | {len(values)} |")
+    return "\n".join(lines)
+
+
+def cost_summary(runs: list[dict]) -> str:
+    """Candidates and summed per-candidate seconds of each per-module search."""
+    lines = ["| seed | setting | candidates (grid + trials) | seconds (sum over candidates) |",
+             "|---|---|---|---|"]
+    for run in runs:
+        for name, entry in run["modules"]["entries"].items():
+            lines.append(f"| {run['seed']} | {_label(name, entry)} | {entry['candidates']} | "
+                         f"{entry['search_seconds']:.0f} |")
+    return "\n".join(lines)
 
 
 @click.group()
