@@ -223,3 +223,36 @@ def test_loglik_guard_equals_an_unbatched_computation(fam, tmp_path, files):
         expected.append(sum(picked) / len(picked))
     assert got == pytest.approx(expected, abs=1e-5)
     assert all(math.isfinite(v) and v < 0 for v in got)
+
+
+def test_response_guards_and_settings_refusals(tmp_path, files):
+    from pydantic import ValidationError
+
+    from mergekit_expo.search.extensions import make_guard
+    from mergekit_expo.search.guard import ResponseGuard, pick_guarded_winner
+    from mergekit_expo.search.merge_config import SearchConfigError
+    from mergekit_expo.search.prompts import read_pairs
+    from mergekit_expo.search.scorers import CallableScorer, DpoAccuracyScorer
+
+    spec = f"{Path(__file__).resolve()}:length_score"
+    guard = make_guard(settings(tmp_path / "c.yml", tmp_path, files, guard=spec),
+                       CallableScorer(spec))
+    assert isinstance(guard, ResponseGuard)
+    guard.prepare(None, False)
+    assert guard.score(None, ["p", "q"], ["abc", ""], progress=False).values == [3.0, 0.0]
+    dpo = settings(tmp_path / "c.yml", tmp_path, files, guard=spec)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Say hi", "chosen": "Hello", "rejected": "no"}) + "\n")
+    scorer = DpoAccuracyScorer(read_pairs(pairs), pairs, beta=0.1)
+    with pytest.raises(SearchConfigError, match="use --guard loglik"):
+        make_guard(dpo, scorer)
+    # infeasible rows never win, even with the highest reward; failed rows neither
+    rows = [{"mean": 5.0, "feasible": False}, {"mean": 2.0, "feasible": True},
+            {"mean": None}, {"mean": 1.0, "feasible": True}]
+    assert pick_guarded_winner(rows) is rows[1]
+    for bad, message in (({"trials": 3}, "give --groups"), ({"max_guard_drop": 0.1,
+                         "guard": None}, "needs a --guard"),
+                         ({"holdout_fraction": 0.2, "holdout_prompts": files["prompts"]},
+                          "not both")):
+        with pytest.raises(ValidationError, match=message):
+            settings(tmp_path / "c.yml", tmp_path, files, **bad)
