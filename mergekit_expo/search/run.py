@@ -120,7 +120,6 @@ def run_search(settings: SearchSettings) -> SearchReport:
             report.holdout = extensions.score_holdout(
                 session, holdout_data, winner, best_uniform, _make_scorer
             )
-        report.evaluated = session.evaluated
         if settings.write_best is not None:
             scorer = session.evaluator = None
             gc.collect()
