@@ -44,8 +44,8 @@ class Group:
     layers: tuple[int, ...] | None = None
 
     def matches(self, tensor: str) -> bool:
-        if self.filters and not any(f in tensor for f in self.filters):
-            return False
+        if self.filters and not any(f == "*" or f in tensor for f in self.filters):
+            return False  # mergekit's rule: substring, and "*" matches every tensor
         if self.layers is None:
             return True
         index = layer_index(tensor)
