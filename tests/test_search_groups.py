@@ -91,6 +91,9 @@ def test_filters_follow_mergekit_substring_rule_and_bands_are_exact():
     assert plain["model.norm.weight"] == OTHER
     assert render(custom, plain, {"attn": 0.5, OTHER: 0.25}) == [
         {"filter": "self_attn.", "value": 0.5}, {"value": 0.25}]
+    # "*" matches every tensor in mergekit, so a later group gets nothing
+    star = [Group("all", ("*",)), Group("attn", ("self_attn.",))]
+    assert set(assign(star, names).values()) == {"all"}
 
 
 def test_best_yml_per_group_reproduces_the_candidate_bit_for_bit(fam, tmp_path):
