@@ -142,6 +142,27 @@ def check(
 )
 @click.option("--save-responses", is_flag=True, help="Keep sampled responses in the results.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option(
+    "--groups", "groups", multiple=True, metavar="GROUP",
+    help="Per-module α: 'modules' (norms, attention, mlp, embeddings_head), one preset, or "
+    "NAME=FILTER[+FILTER] (mergekit filters, first match wins); repeatable.",
+)
+@click.option("--layer-bands", type=int, metavar="K", help="Split the layers into K bands.")
+@click.option("--trials", type=int, default=0, show_default=True,
+              help="Per-group candidates proposed by Optuna after the uniform grid.")
+@click.option("--trial-seed", type=int, default=0, show_default=True)
+@click.option("--trial-alpha", metavar="LOW:HIGH",
+              help="α range of the trials [default: the grid's].")
+@click.option("--trial-step", type=float, default=0.05, show_default=True,
+              help="Trial values are multiples of this step.")
+@click.option("--guard", metavar="SPEC",
+              help="Second score: loglik:TEXTS.jsonl, a reward-model dir, or MODULE:FUNCTION.")
+@click.option("--max-guard-drop", type=float, metavar="EPS",
+              help="Winner: best reward among candidates whose guard fell ≤ EPS below α = 0.")
+@click.option("--holdout-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Score the winner on these prompts (pairs with --pairs) too.")
+@click.option("--holdout-fraction", type=float, metavar="F",
+              help="Hold out this share of the prompts (pairs) to score the winner on.")
 def search(config: Path, out_dir: Path, **options) -> None:
     """Grid-search α (and λ) for an expo CONFIG; results, plot and best.yml go to OUT_DIR.
 
@@ -201,6 +222,7 @@ def search(config: Path, out_dir: Path, **options) -> None:
             write_best=options["write_best"],
             save_responses=options["save_responses"],
             progress=options["progress"],
+            **_extended_options(options),
         )
     except (ValueError, ValidationError) as error:
         raise click.UsageError(str(error)) from None
@@ -211,19 +233,54 @@ def search(config: Path, out_dir: Path, **options) -> None:
         raise click.ClickException(str(error)) from None
 
     click.echo("\nCandidates (mean score ± standard error):")
-    for row in report.rows:
+    for row in [*report.rows, *report.trials]:
         click.echo("  " + describe(row))
     if report.winner is None:
         raise click.ClickException("no candidate produced a score; see the errors above")
     best = report.winner
-    click.echo(
-        f"\nBest: alpha = {best['alpha']:g}, lambda = {best['lambda']:g} (score {best['mean']:.4g})"
-    )
+    if best.get("groups") is not None:
+        from mergekit_expo.search.run import describe_groups
+
+        click.echo(f"\nBest: trial {best['trial']}: {describe_groups(best['groups'])} "
+                   f"(score {best['mean']:.4g})")
+    else:
+        click.echo(f"\nBest: alpha = {best['alpha']:g}, lambda = {best['lambda']:g} "
+                   f"(score {best['mean']:.4g})")
+    for held in report.holdout:
+        click.echo(f"  {held['which']}: search {held['search_mean']:.4g} ± "
+                   f"{held['search_sem']:.2g} (n {held['search_n']}), hold-out "
+                   f"{held['holdout_mean']:.4g} ± {held['holdout_sem']:.2g} "
+                   f"(n {held['holdout_n']})")
     click.echo(f"  results:     {report.results.resolve()}")
     if report.plot:
         click.echo(f"  plot:        {report.plot.resolve()}")
+    if report.guard_plot:
+        click.echo(f"  guard plot:  {report.guard_plot.resolve()}")
     click.echo(f"  best config: {report.best_config.resolve()}")
     if report.merged:
         click.echo(f"  merged model (mergekit): {report.merged.resolve()}")
     else:
         click.echo(f"  merge it:    mergekit-yaml {report.best_config.resolve()} OUT")
+
+
+def _extended_options(options: dict) -> dict:
+    """The per-group, guard and hold-out options, as SearchSettings fields (unset ones left out,
+    so the settings' defaults apply)."""
+    out = {
+        "groups": list(options["groups"]),
+        "layer_bands": options["layer_bands"],
+        "trials": options["trials"],
+        "trial_seed": options["trial_seed"],
+        "trial_step": options["trial_step"],
+        "guard": options["guard"],
+        "max_guard_drop": options["max_guard_drop"],
+        "holdout_prompts": options["holdout_prompts"],
+        "holdout_fraction": options["holdout_fraction"],
+    }
+    if options["trial_alpha"]:
+        low, sep, high = options["trial_alpha"].partition(":")
+        try:
+            out["trial_alpha"] = (float(low), float(high))
+        except ValueError:
+            raise ValueError(f"--trial-alpha {options['trial_alpha']!r}: write LOW:HIGH") from None
+    return out

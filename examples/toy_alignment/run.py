@@ -69,12 +69,17 @@ def train_all(out: Path, settings) -> dict:
 @click.option("--skip-eval", is_flag=True, help="Train only.")
 @click.option("--reuse-training", is_flag=True,
               help="Evaluate the checkpoints of an earlier run in OUT_DIR (train.json).")
-def main(out_dir: Path, smoke: bool, seed: int, skip_eval: bool, reuse_training: bool) -> None:
+@click.option("--module-trials", type=int, help="Per-group trials per setting [default: 20].")
+@click.option("--modules-only", is_flag=True,
+              help="Evaluate only the per-module part (uniform vs per-group α, guard, criteria).")
+def main(out_dir: Path, smoke: bool, seed: int, skip_eval: bool, reuse_training: bool,
+         module_trials: int | None, modules_only: bool) -> None:
     """Train the toy task's SFT/DPO/iterative-DPO models in OUT_DIR and evaluate ExPO on them."""
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("toy_alignment").setLevel(logging.INFO)
     import toy_eval
+    import toy_modules
     import toy_plots
     import toy_train
 
@@ -93,14 +98,32 @@ def main(out_dir: Path, smoke: bool, seed: int, skip_eval: bool, reuse_training:
     click.echo(f"training: {train['timings']['training_total']:.0f} s")
     if skip_eval:
         return
-    results = toy_eval.evaluate(out, train, settings, evaluation)
+    if modules_only:
+        (out / "eval").mkdir(parents=True, exist_ok=True)
+        toy_eval.write_prompts(out / "eval", settings, evaluation)
+        toy_eval.write_config(out / "eval" / "iterative" / "expo.yml", Path(train["sft"]),
+                              [Path(p) for p in train["iterative"]])
+        results = {"eval_settings": evaluation.__dict__, "timings": {}, "plots": []}
+    else:
+        results = toy_eval.evaluate(out, train, settings, evaluation)
+    modules = toy_modules.ModuleSettings(**(toy_modules.SMOKE_MODULES if smoke else {}))
+    if module_trials is not None:
+        modules.trials = module_trials
+    t0 = time.perf_counter()
+    results["modules"] = toy_modules.evaluate_modules(out, train, settings, evaluation, modules,
+                                                      results)
+    results["timings"]["modules"] = time.perf_counter() - t0
+    results["plots"].append(str(toy_modules.plot_pareto(
+        results["modules"], out / "plots" / "reproduction_modules_pareto.png")))
     results["training"] = train
     results["wall_seconds_this_command"] = time.perf_counter() - started
     results["loadavg"] = {"start": load_before, "end": os.getloadavg()}
     results["cpu_count"] = os.cpu_count()
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "report.md").write_text(toy_plots.markdown_tables(results))
-    click.echo(toy_plots.markdown_tables(results))
+    report = "" if modules_only else toy_plots.markdown_tables(results) + "\n"
+    report += toy_modules.markdown(results["modules"], seed)
+    (out / "report.md").write_text(report)
+    click.echo(report)
     click.echo(f"total: {results['wall_seconds_this_command']:.0f} s; results in {out}")
 
 

@@ -91,9 +91,10 @@ def write_config(
 
 def run_search(
     config: Path, out_dir: Path, prompts: Path, ev: EvalSettings, *, alphas: str,
-    lambdas: str | None = None,
+    lambdas: str | None = None, extra: Sequence[str] = (),
 ) -> list[dict]:
-    """``mergekit-expo search`` with the gold reward; returns the rows of results.jsonl."""
+    """``mergekit-expo search`` with the gold reward (``extra``: more options); returns the
+    rows of results.jsonl."""
     command = [
         str(BIN / "mergekit-expo"), "search", str(config), str(out_dir),
         "--alpha", alphas,
@@ -107,6 +108,7 @@ def run_search(
     ]
     if lambdas is not None:
         command += ["--lambda", lambdas]
+    command += list(extra)
     _run(command, out_dir / "search.log")
     return _rows(out_dir)
 

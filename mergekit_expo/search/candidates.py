@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -103,8 +104,6 @@ class CandidateWeights:
         self._place_inputs(inputs_on_device, progress)
         self.applied: tuple[float, float] | None = None
         self.read_seconds = time.perf_counter() - started  # model load and input mapping
-        self.update_seconds: float | None = None  # of the last apply()
-        self.update_times: list[float] = []  # of every finished apply()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -250,15 +249,20 @@ class CandidateWeights:
     # -- candidates ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def apply(self, alpha: float, lam: float) -> None:
-        """Overwrite the model's weights with θ(α, λ), exactly as the merge computes them."""
+    def apply(self, alpha: float, lam: float, *, only: Collection[str] | None = None) -> None:
+        """Overwrite the model's weights with θ(α, λ), exactly as the merge computes them.
+
+        ``only``: the checkpoint names of the tensors to write (a group of tensors with its own
+        α and λ, see ``search/grouped.py``); the others keep whatever they hold.
+        """
         if lam and not any(t.intermediates for t in self.targets):
             raise SearchConfigError(
                 f"lambda = {lam:g} needs intermediate checkpoints: list them under `models:` "
                 "before the final one, or search lambda 0 only"
             )
-        started = time.perf_counter()
         for target in self.targets:
+            if only is not None and target.name not in only:
+                continue
             parameter = target.parameter.data
             final = self._cast(target.final)
             if not target.floating:
@@ -283,9 +287,7 @@ class CandidateWeights:
                 self.applied = None
                 self._raise_if_inputs_not_finite(target, lam)
                 raise CandidateOverflow(overflow_message(target.name, written, alpha, lam))
-        self.applied = (alpha, lam)
-        self.update_seconds = time.perf_counter() - started
-        self.update_times.append(self.update_seconds)
+        self.applied = (alpha, lam) if only is None else None
 
     def _raise_if_inputs_not_finite(self, target: _Target, lam: float) -> None:
         """A damaged checkpoint, not this α, when an input itself holds inf/NaN (checked lazily:

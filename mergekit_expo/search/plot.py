@@ -54,11 +54,7 @@ def plot_search(
     bottom.set_xlabel("α (extrapolation)")
     bottom.grid(alpha=0.3)
     top.set_title("mergekit-expo search")
-    figure.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out)
-    return out
+    return _save(figure, out)
 
 
 def _second_panel(rows) -> tuple[str | None, str]:
@@ -67,3 +63,60 @@ def _second_panel(rows) -> tuple[str | None, str]:
     if rows and all(r.get("mean_margin") is not None for r in rows):
         return "mean_margin", "mean implicit-reward margin\nβ·Δ (chosen − rejected)"
     return None, ""
+
+
+def plot_guard(
+    rows: Sequence[dict[str, Any]],
+    out: str | Path,
+    *,
+    winner: dict[str, Any] | None,
+    score_label: str,
+    guard_label: str,
+    max_drop: float | None = None,
+) -> Path:
+    """Reward against guard for every candidate (grid and per-group trials), the Pareto front
+    (no other candidate is better on both), the α = 0 baseline, the ε line and the winner."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from mergekit_expo.search.guard import baseline, pareto_front
+
+    rows = [r for r in rows if r.get("mean") is not None and r.get("guard_mean") is not None]
+    figure = Figure(figsize=(7, 5), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    grid = [r for r in rows if r.get("groups") is None]
+    trials = [r for r in rows if r.get("groups") is not None]
+    for part, marker, label in ((grid, "o", "uniform α (grid)"), (trials, "x", "per-group trials")):
+        if part:
+            axes.scatter([r["guard_mean"] for r in part], [r["mean"] for r in part],
+                         marker=marker, s=28, alpha=0.75, label=label)
+    for row in grid:
+        axes.annotate(f"{row['alpha']:g}", (row["guard_mean"], row["mean"]), fontsize=6,
+                      xytext=(3, 3), textcoords="offset points")
+    front = pareto_front(rows)
+    axes.plot([r["guard_mean"] for r in front], [r["mean"] for r in front], color="black",
+              linewidth=1, label="Pareto front")
+    base = baseline(rows)
+    if base is not None:
+        axes.axvline(base, color="grey", linestyle=":", label="guard at α = 0 (θ_T)")
+        if max_drop is not None:
+            axes.axvline(base - max_drop, color="red", linestyle="--",
+                         label=f"max guard drop ε = {max_drop:g}")
+    if winner is not None and winner.get("guard_mean") is not None:
+        axes.plot([winner["guard_mean"]], [winner["mean"]], marker="*", markersize=16,
+                  color="gold", markeredgecolor="black", linestyle="none", label="winner")
+    axes.set_xlabel(guard_label)
+    axes.set_ylabel(score_label)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    axes.set_title("mergekit-expo search: reward vs guard")
+    return _save(figure, out)
+
+
+def _save(figure, out: str | Path) -> Path:
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    return out

@@ -1,8 +1,10 @@
 """The search's results file: JSONL, one line per finished candidate, appended as it finishes.
 
 Every row carries a key: a hash of everything that decides a candidate's score apart from α and
-λ (models, config, prompts, scorer, sampling settings). A re-run with the same key skips the
-(α, λ) it already has; rows with another key stay in the file but are never reused.
+λ (models, config, prompts, scorer, sampling settings; groups, guard and hold-out split when
+used). A re-run with the same key skips the (α, λ) it already has, and the per-group candidates
+(``groups: {group: [α, λ]}``) it already has; rows with another key stay in the file but are
+never reused.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class ResultsFile:
 
     def __init__(self, path: str | Path, key: str):
         self.path, self.key = Path(path), key
-        self.rows: dict[tuple[float, float], dict[str, Any]] = {}
+        self.rows: dict[tuple, dict[str, Any]] = {}
         self.other_rows = 0
         if self.path.exists():
             self._read()
@@ -52,7 +54,7 @@ class ResultsFile:
                 continue
             try:
                 row = json.loads(text)
-                candidate = (float(row["alpha"]), float(row["lambda"]))
+                candidate = candidate_id(row)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 # typically a line cut short when a run was killed mid-write: redo that candidate
                 LOG.warning("%s, line %d: unreadable row skipped", self.path, number)
@@ -64,6 +66,10 @@ class ResultsFile:
 
     def finished(self, alpha: float, lam: float) -> dict[str, Any] | None:
         return self.rows.get((float(alpha), float(lam)))
+
+    def finished_groups(self, groups: dict[str, list[float]]) -> dict[str, Any] | None:
+        """The row of a per-group candidate (``{group: [α, λ]}``), if it was finished."""
+        return self.rows.get(candidate_id({"groups": groups}))
 
     def append(self, row: dict[str, Any]) -> None:
         row = {"key": self.key, **row}
@@ -79,4 +85,14 @@ class ResultsFile:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        self.rows[(float(row["alpha"]), float(row["lambda"]))] = json.loads(data)  # as re-read
+        self.rows[candidate_id(row)] = json.loads(data)  # as re-read
+
+
+def candidate_id(row: dict[str, Any]) -> tuple:
+    """(α, λ) of a uniform candidate; the sorted (group, α, λ) of a per-group one."""
+    groups = row.get("groups")
+    if groups is not None:
+        return tuple(
+            (str(name), float(value[0]), float(value[1])) for name, value in sorted(groups.items())
+        )
+    return (float(row["alpha"]), float(row["lambda"]))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from mergekit_expo import __version__
+from mergekit_expo.search import extensions
 from mergekit_expo.search.merge_config import SearchConfig, SearchConfigError, best_config
 from mergekit_expo.search.prompts import file_digest
 from mergekit_expo.search.results import ResultsFile, files_identity, settings_key
@@ -29,6 +29,7 @@ LOG = logging.getLogger("mergekit_expo")
 
 RESULTS_NAME = "results.jsonl"
 PLOT_NAME = "search.png"
+GUARD_PLOT_NAME = "guard.png"
 BEST_CONFIG_NAME = "best.yml"
 
 
@@ -42,6 +43,10 @@ class SearchReport:
     merged: Path | None = None
     skipped: int = 0  # candidates found finished in the results file
     notes: list[str] = field(default_factory=list)
+    trials: list[dict[str, Any]] = field(default_factory=list)  # per-group rows, in order
+    guard_plot: Path | None = None
+    holdout: list[dict[str, Any]] = field(default_factory=list)  # search vs hold-out scores
+    evaluated: int = 0  # candidates scored by this run (grid and trials)
 
 
 def run_search(settings: SearchSettings) -> SearchReport:
@@ -56,14 +61,19 @@ def run_search(settings: SearchSettings) -> SearchReport:
         lambdas = [search.config_lambda or 0.0]
     grid = [(alpha, lam) for lam in lambdas for alpha in settings.alphas]
     _check_grid(search, lambdas)
+    if settings.guard is not None and (0.0, 0.0) not in grid:
+        grid.insert(0, (0.0, 0.0))  # θ_T: the guard's baseline
 
     if settings.scorer.kind == "dpo" and settings.prompts is not None:
         LOG.warning("expo search: --prompts is not used by the DPO scorer (--pairs)")
-    data = _read_data(settings)
+    data, holdout_data = extensions.split_holdout(settings, _read_data(settings))
     scorer = _make_scorer(settings, data)
+    guard = extensions.make_guard(settings, scorer)
+    groups, assignment = extensions.groups_of(settings, search)
     out_dir = settings.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     key_settings = _key_settings(settings, search, scorer)
+    key_settings |= extensions.extended_key(settings, groups, guard)
     results = ResultsFile(out_dir / RESULTS_NAME, settings_key(key_settings))
     pending = [c for c in grid if results.finished(*c) is None]
     skipped = len(grid) - len(pending)
@@ -74,25 +84,49 @@ def run_search(settings: SearchSettings) -> SearchReport:
             "expo search: %d rows in %s were made with other settings and are not reused",
             results.other_rows, results.path,
         )
+    need_mids = any(lam for _, lam in grid) or extensions.lambda_searched(settings)
+    session = _Session(settings, search, scorer, data, assignment, guard, results, key_settings,
+                       need_mids=need_mids)
     if pending:
-        _score_candidates(settings, search, scorer, data, pending, results, key_settings)
+        _score_candidates(session, pending)
 
     rows = [results.finished(*c) for c in grid]
-    winner = pick_winner(rows)
+    trials = extensions.run_trials(settings, session, rows, lambdas) if settings.trials else []
+    if session.evaluator is not None:
+        LOG.info("expo search: %s", update_summary(session.evaluator))
+    everything = [*rows, *trials]
+    if guard is not None:
+        from mergekit_expo.search.guard import annotate, baseline, pick_guarded_winner
+
+        annotate(everything, baseline(rows), settings.max_guard_drop)
+        winner = pick_guarded_winner(everything)
+    else:
+        winner = pick_winner(everything)
     score_label = _score_label(settings)
-    plot = _plot(rows, out_dir / PLOT_NAME, winner, score_label)
+    plot = _plot(rows, out_dir / PLOT_NAME, winner if winner in rows else None, score_label)
     report = SearchReport(
         rows=rows, winner=winner, results=results.path, plot=plot, best_config=None,
-        skipped=skipped, notes=search.notes,
+        skipped=skipped, notes=search.notes, trials=trials,
     )
+    if guard is not None:
+        report.guard_plot = _guard_plot(everything, out_dir / GUARD_PLOT_NAME, winner,
+                                        score_label, settings)
     if winner is not None:
-        best = best_config(search, winner["alpha"], winner["lambda"])
+        best = extensions.winner_config(search, winner, groups, assignment)
         report.best_config = out_dir / BEST_CONFIG_NAME
         report.best_config.write_text(yaml.safe_dump(best, sort_keys=False), encoding="utf-8")
+        if holdout_data is not None:
+            uniform = [r for r in rows if r is not None]
+            best_uniform = (pick_guarded_winner(uniform) if guard is not None
+                            else pick_winner(uniform))
+            report.holdout = extensions.score_holdout(
+                session, holdout_data, winner, best_uniform, _make_scorer
+            )
         if settings.write_best is not None:
-            scorer = None
+            scorer = session.evaluator = None
             gc.collect()
             report.merged = write_best(report.best_config, settings.write_best, settings)
+    report.evaluated = session.evaluated
     return report
 
 
@@ -124,27 +158,30 @@ def write_best(config_path: Path, out: Path, settings: SearchSettings) -> Path:
 # -- the loop ------------------------------------------------------------------------------
 
 
-def _score_candidates(settings, search, scorer, data, pending, results, key_settings) -> None:
-    from mergekit_expo.search.candidates import CandidateOverflow, CandidateWeights
-    from mergekit_expo.search.generation import Sampler, load_tokenizer, uses_chat_template
+class _Session:
+    """What the grid, the trials and the hold-out check share; the model is loaded on first use
+    only, so a fully resumed run loads nothing."""
 
-    need_mids = any(lam for _, lam in pending)
-    weights = CandidateWeights(
-        search, device=settings.device, need_intermediates=need_mids, progress=settings.progress,
-        inputs_on_device=settings.inputs_on_device,
-    )
-    tokenizer = load_tokenizer(search, side="left")
-    sampler = None
-    if scorer.generates:
-        scorer.prepare()
-        sampler = Sampler(weights.model, tokenizer, data, settings.sampling)
-    else:
-        chat = uses_chat_template(tokenizer, settings.sampling.chat_template)
-        scorer.prepare(weights, tokenizer, chat, progress=settings.progress)
+    def __init__(self, settings, search, scorer, data, assignment, guard, results, key_settings,
+                 *, need_mids: bool):
+        self.settings, self.search, self.scorer, self.data = settings, search, scorer, data
+        self.assignment, self.guard, self.results = assignment, guard, results
+        self.key_settings, self.need_mids = key_settings, need_mids
+        self.evaluator = None
+        self.evaluated = 0
 
-    bar = tqdm(pending, desc="Candidates", disable=not settings.progress)
-    for alpha, lam in bar:
-        bar.set_postfix_str(f"α={alpha:g} λ={lam:g}")
+    def get(self):
+        from mergekit_expo.search.evaluator import Evaluator
+
+        if self.evaluator is None:
+            self.evaluator = Evaluator(
+                self.settings, self.search, self.scorer, self.data, assignment=self.assignment,
+                guard=self.guard, need_intermediates=self.need_mids,
+            )
+        return self.evaluator
+
+    def score(self, head: dict[str, Any], values) -> dict[str, Any]:
+        """Score one candidate, append its row to the results file and return it."""
         started = time.perf_counter()
         row: dict[str, Any] = {"alpha": alpha, "lambda": lam}
         try:
@@ -173,20 +210,30 @@ def _score_candidates(settings, search, scorer, data, pending, results, key_sett
             row.update(scores.extras)
         row["seconds"] = round(time.perf_counter() - started, 3)
         row["mergekit_expo"] = __version__
-        row["settings"] = key_settings
-        results.append(row)
-        if settings.progress:
+        row["settings"] = self.key_settings
+        self.results.append(row)
+        self.evaluated += 1
+        if self.settings.progress:
             tqdm.write(describe(row))
         else:
             LOG.info("expo search: %s", describe(row))
+        return row
+
+
+def _score_candidates(session: _Session, pending) -> None:
+    bar = tqdm(pending, desc="Candidates", disable=not session.settings.progress)
+    for alpha, lam in bar:
+        bar.set_postfix_str(f"α={alpha:g} λ={lam:g}")
+        values = dict.fromkeys(set(session.assignment.values()), (alpha, lam))
+        session.score({"alpha": alpha, "lambda": lam}, values)
     bar.close()
-    LOG.info("expo search: %s", update_summary(weights))
 
 
-def update_summary(weights) -> str:
+def update_summary(evaluator) -> str:
     """Time to map the inputs and build the model once, against the per-candidate update."""
+    weights = evaluator.candidates
     where = "resident on the device" if weights.resident else "mapped, streamed per candidate"
-    updates = weights.update_times
+    updates = evaluator.update_times
     median = f"{statistics.median(updates):.2f} s" if updates else "–"
     return (
         f"inputs ({where}) and model ready in {weights.read_seconds:.1f} s; weights update per "
@@ -196,7 +243,10 @@ def update_summary(weights) -> str:
 
 def describe(row: dict[str, Any]) -> str:
     """One line per candidate for the console."""
-    head = f"α = {row['alpha']:g}, λ = {row['lambda']:g}: "
+    if row.get("groups") is not None:
+        head = f"trial {row.get('trial', '?')} ({describe_groups(row['groups'])}): "
+    else:
+        head = f"α = {row['alpha']:g}, λ = {row['lambda']:g}: "
     if row.get("mean") is None:
         return head + f"failed ({row.get('error', 'no score')})"
     text = head + f"score {row['mean']:.4g} ± {row['sem']:.2g} (sd {row['std']:.3g}, n {row['n']})"
@@ -204,13 +254,19 @@ def describe(row: dict[str, Any]) -> str:
         text += f", length {row['mean_length_tokens']:.1f} tokens"
     if row.get("mean_margin") is not None:
         text += f", margin {row['mean_margin']:.4g}"
+    if row.get("guard_mean") is not None:
+        text += f", guard {row['guard_mean']:.4g}"
     if row.get("update_seconds") is not None:
         text += f", weights updated in {row['update_seconds']:.2f} s"
     return text + f", {row['seconds']:.1f} s"
 
 
-def _summary(scores) -> dict[str, Any]:
-    return {"mean": scores.mean, "std": scores.std, "sem": scores.sem, "n": len(scores.values)}
+def describe_groups(groups: dict[str, list[float]]) -> str:
+    """``attention α 0.4, mlp α 0.25`` (λ too when any group has one)."""
+    with_lambda = any(v[1] for v in groups.values())
+    return ", ".join(
+        f"{name} α {v[0]:g}" + (f" λ {v[1]:g}" if with_lambda else "") for name, v in groups.items()
+    )
 
 
 # -- setup ---------------------------------------------------------------------------------
@@ -280,6 +336,16 @@ def _score_label(settings: SearchSettings) -> str:
         return f"reward ({Path(spec.path).name})"
     module, _, function = spec.function.rpartition(":")
     return f"score ({Path(module).name}:{function})"
+
+
+def _guard_plot(rows, out: Path, winner, label: str, settings) -> Path | None:
+    from mergekit_expo.search.plot import plot_guard
+
+    scored = [r for r in rows if r is not None and r.get("guard_mean") is not None]
+    if not scored:
+        return None
+    return plot_guard(scored, out, winner=winner, score_label=label,
+                      guard_label=f"guard ({settings.guard})", max_drop=settings.max_guard_drop)
 
 
 def _plot(rows, out: Path, winner, label: str) -> Path | None:

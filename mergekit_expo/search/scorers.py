@@ -190,30 +190,12 @@ class DpoAccuracyScorer:
         weights.apply_reference()
         self.reference = self.log_probs(weights.model, progress=progress, desc="log π_ref (θ₀)")
 
-    @torch.no_grad()
     def log_probs(self, model, *, progress=True, desc="log π") -> torch.Tensor:
         """Σ log π(y_t | x, y_<t) over response tokens, per sequence (chosen, rejected, ...)."""
-        totals = []
-        starts = range(0, len(self.sequences), self.batch_size)
-        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-            batch = self.sequences[start : start + self.batch_size]
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-            attention = torch.zeros_like(input_ids)
-            scored = torch.zeros((len(batch), width - 1), dtype=torch.bool)
-            for row, (ids, begin) in enumerate(batch):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                attention[row, : len(ids)] = 1
-                # logits at t predict token t+1; a response's first token needs a token before it
-                scored[row, max(begin, 1) - 1 : len(ids) - 1] = True
-            logits = model(
-                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)
-            ).logits[:, :-1].float()
-            token_logps = torch.gather(
-                logits.log_softmax(-1), 2, input_ids[:, 1:, None].to(logits.device)
-            )[..., 0]
-            totals.append((token_logps.cpu() * scored).sum(-1).double())
-        return torch.cat(totals)
+        return sequence_log_probs(
+            model, self.sequences, pad=self.pad, batch_size=self.batch_size, progress=progress,
+            desc=desc,
+        )
 
     def evaluate(self, model, *, progress=True) -> Scores:
         policy = self.log_probs(model, progress=progress)
@@ -228,6 +210,35 @@ class DpoAccuracyScorer:
                 "mean_reward_rejected": float(rejected.mean()),
             },
         )
+
+
+@torch.no_grad()
+def sequence_log_probs(
+    model, sequences: Sequence[tuple[list[int], int]], *, pad: int, batch_size: int,
+    progress: bool = True, desc: str = "log π",
+) -> torch.Tensor:
+    """Σ log π(y_t | y_<t) over the tokens from ``start`` on, per ``(ids, start)`` sequence."""
+    totals = []
+    starts = range(0, len(sequences), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        batch = sequences[start : start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        scored = torch.zeros((len(batch), width - 1), dtype=torch.bool)
+        for row, (ids, begin) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+            # logits at t predict token t+1; a response's first token needs a token before it
+            scored[row, max(begin, 1) - 1 : len(ids) - 1] = True
+        logits = model(
+            input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)
+        ).logits[:, :-1].float()
+        token_logps = torch.gather(
+            logits.log_softmax(-1), 2, input_ids[:, 1:, None].to(logits.device)
+        )[..., 0]
+        totals.append((token_logps.cpu() * scored).sum(-1).double())
+    return torch.cat(totals)
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -76,11 +76,34 @@ class SearchSettings(BaseModel):
     write_best: Path | None = None
     save_responses: bool = False
     progress: bool = True
+    # per-group α (docs/search.md, "Per-module α"): groups, Optuna trials, guard, hold-out
+    groups: list[str] = []  # presets ("modules", "attention", ...) or NAME=FILTER[+FILTER]
+    layer_bands: int | None = Field(None, ge=1)
+    trials: int = Field(0, ge=0)
+    trial_seed: int = 0
+    trial_alpha: tuple[float, float] | None = None  # default: the α grid's range
+    trial_step: float | None = Field(0.05, gt=0)
+    guard: str | None = None  # loglik:TEXTS.jsonl, a reward-model directory, or module:function
+    max_guard_drop: float | None = Field(None, ge=0)
+    holdout_prompts: Path | None = None
+    holdout_fraction: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _needs_prompts(self) -> SearchSettings:
         if self.scorer.kind != "dpo" and self.prompts is None:
             raise ValueError("a reward-model or callable scorer needs held-out prompts (--prompts)")
+        return self
+
+    @model_validator(mode="after")
+    def _consistent_extensions(self) -> SearchSettings:
+        if self.trials and not (self.groups or self.layer_bands):
+            raise ValueError("--trials searches α per group: give --groups and/or --layer-bands")
+        if self.max_guard_drop is not None and self.guard is None:
+            raise ValueError("--max-guard-drop needs a --guard")
+        if self.holdout_prompts is not None and self.holdout_fraction is not None:
+            raise ValueError("give --holdout-prompts or --holdout-fraction, not both")
+        if self.trial_alpha is not None and not self.trial_alpha[0] < self.trial_alpha[1]:
+            raise ValueError(f"--trial-alpha {self.trial_alpha}: need low < high")
         return self
 
 
