@@ -183,31 +183,7 @@ class _Session:
     def score(self, head: dict[str, Any], values) -> dict[str, Any]:
         """Score one candidate, append its row to the results file and return it."""
         started = time.perf_counter()
-        row: dict[str, Any] = {"alpha": alpha, "lambda": lam}
-        try:
-            weights.apply(alpha, lam)
-        except CandidateOverflow as error:
-            row.update(mean=None, error=str(error))
-        else:
-            row["update_seconds"] = round(weights.update_seconds, 3)
-            if sampler is not None:
-                responses = sampler.generate(progress=settings.progress)
-                texts = [r.text for r in responses]
-                scores = scorer.score(data, texts, progress=settings.progress)
-                lengths = [r.tokens for r in responses]
-                row.update(
-                    _summary(scores),
-                    mean_length_tokens=statistics.fmean(lengths),
-                    mean_length_chars=statistics.fmean(len(t) for t in texts),
-                    scores=scores.values,
-                    lengths=lengths,
-                )
-                if settings.save_responses:
-                    row["responses"] = texts
-            else:
-                scores = scorer.evaluate(weights.model, progress=settings.progress)
-                row.update(_summary(scores), mean_length_tokens=None, scores=scores.values)
-            row.update(scores.extras)
+        row = {**head, **self.get().measure(values)}
         row["seconds"] = round(time.perf_counter() - started, 3)
         row["mergekit_expo"] = __version__
         row["settings"] = self.key_settings
