@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
