@@ -104,6 +104,7 @@ class CandidateWeights:
         self._place_inputs(inputs_on_device, progress)
         self.applied: tuple[float, float] | None = None
         self.read_seconds = time.perf_counter() - started  # model load and input mapping
+        self.update_seconds: float | None = None  # of the last apply()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -122,8 +123,11 @@ class CandidateWeights:
         e.g. bfloat16 θ₀ with float32 θ_T merges in float32. Read from the headers.
         """
         dtypes = {name: tensor.dtype for name, tensor in final_tensors.items()}
-        if self.input_dtype is not None:
-            return dtypes
+        if self.input_dtype is not None:  # the tensors are still as read (mapped): cast later
+            return {
+                name: self.input_dtype if dtype.is_floating_point else dtype
+                for name, dtype in dtypes.items()
+            }
         search = self.search
         for model in (search.reference, *search.intermediates):
             headers = read_checkpoint(model.local_path()) or {}
@@ -260,6 +264,7 @@ class CandidateWeights:
                 f"lambda = {lam:g} needs intermediate checkpoints: list them under `models:` "
                 "before the final one, or search lambda 0 only"
             )
+        started = time.perf_counter()
         for target in self.targets:
             if only is not None and target.name not in only:
                 continue
@@ -288,6 +293,7 @@ class CandidateWeights:
                 self._raise_if_inputs_not_finite(target, lam)
                 raise CandidateOverflow(overflow_message(target.name, written, alpha, lam))
         self.applied = (alpha, lam) if only is None else None
+        self.update_seconds = time.perf_counter() - started
 
     def _raise_if_inputs_not_finite(self, target: _Target, lam: float) -> None:
         """A damaged checkpoint, not this α, when an input itself holds inf/NaN (checked lazily:
