@@ -34,6 +34,44 @@ def demo(out: Path, alpha: float) -> None:
 
 
 @main.command()
+@click.argument(
+    "adapters", nargs=-1, required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--alpha", type=float, required=True, help="Extrapolation α.")
+@click.option(
+    "--lambda", "lam", type=float, default=0.0, show_default=True,
+    help="Iterative merge λ: ADAPTERS are θ₁…θ_T, the last is θ_T.",
+)
+@click.option(
+    "--base", type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The model the adapters were trained over (needed for modules_to_save).",
+)
+@click.option(
+    "--reference-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="θ₀ = base + this adapter (an SFT adapter the DPO adapters do not include).",
+)
+def lora(adapters, out: Path, alpha: float, lam: float, base, reference_adapter) -> None:
+    """Write an extrapolated LoRA adapter to OUT: update (1+α)× the DPO adapter's.
+
+    One ADAPTER (θ₁ = θ₀ + s·BA): the scaling is multiplied, no weight changes. Several, or
+    --reference-adapter: one adapter of concatenated ranks. See docs/lora.md.
+    """
+    from mergekit_expo.lora.adapter import AdapterError
+    from mergekit_expo.lora.extrapolate import expo_adapter
+
+    try:
+        written = expo_adapter(
+            list(adapters), out, alpha=alpha, lam=lam,
+            reference_adapter=reference_adapter, base=base,
+        )
+    except AdapterError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"Extrapolated adapter (α = {alpha:g}): {written.resolve()}")
+
+
+@main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
