@@ -60,7 +60,9 @@ class Adapter:
     config: dict[str, Any]  # adapter_config.json as written
     tensors: dict[str, torch.Tensor]
     pairs: dict[str, LoraPair]  # by module name
-    saved: dict[str, str]  # modules_to_save: base-model tensor name -> key in the adapter file
+    # full tensors: θ₀'s tensor name -> key in the adapter file (modules_to_save, and the
+    # weight of a targeted embedding that PEFT saves as ``base_layer``)
+    saved: dict[str, str]
 
     @property
     def base_model(self) -> str | None:
@@ -134,7 +136,8 @@ def _classify(path: Path, config, tensors) -> tuple[dict[str, LoraPair], dict[st
         if match is None:
             if ".lora_" in name or "magnitude" in name:
                 raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {key} is not a LoRA A/B pair")
-            saved[name] = key
+            # PEFT saves a targeted embedding's own weight (save_embedding_layers) as base_layer
+            saved[name.replace(".base_layer.", ".")] = key
             continue
         module, kind = match.group(1), match.group(2)
         if kind not in PAIRS:
@@ -149,10 +152,11 @@ def _classify(path: Path, config, tensors) -> tuple[dict[str, LoraPair], dict[st
                 f"{CONFIG_NAME} (r, rank_pattern) gives {rank} for {module}"
             )
         pairs[module] = LoraPair(module, key, b_key, rank, scaling)
-    for name in saved:
+    for name, key in saved.items():
         module = name.rsplit(".", 1)[0]
         listed = config.get("modules_to_save") or []
-        if not any(module == m or module.endswith("." + m) for m in listed):
+        embedding = ".base_layer." in key and module in pairs
+        if not embedding and not any(module == m or module.endswith("." + m) for m in listed):
             raise AdapterError(
                 f"{path / WEIGHTS_NAME}: tensor {PREFIX}{name} is neither a LoRA pair nor in "
                 f"modules_to_save {listed}; cannot tell what it changes"

@@ -172,8 +172,9 @@ def _saved_tensors(terms: list[Term], base, *, alpha: float, lam: float):
     if not names:
         return {}
     lora_modules = {m for t in terms for m in t.adapter.pairs}
+    keys = {n: k for t in terms for n, k in t.adapter.saved.items()}
     for name in names:
-        if name.rsplit(".", 1)[0] in lora_modules:
+        if ".base_layer." not in keys[name] and name.rsplit(".", 1)[0] in lora_modules:
             raise AdapterError(
                 f"{name} is a full tensor (modules_to_save) in one adapter and a LoRA target in "
                 "another: the combination is not one adapter. Merge the full models instead "
@@ -184,8 +185,8 @@ def _saved_tensors(terms: list[Term], base, *, alpha: float, lam: float):
     if needed and base is None:
         owners = sorted({str(t.adapter.path) for t in terms if set(t.adapter.saved) & set(needed)})
         raise AdapterError(
-            f"adapter {', '.join(owners)} saves full tensors (modules_to_save: "
-            f"{', '.join(needed)}); they are extrapolated against θ₀'s tensors, so give the "
+            f"adapter {', '.join(owners)} saves full tensors (modules_to_save or embedding "
+            f"weights: {', '.join(needed)}); they are extrapolated against θ₀'s tensors, so give the "
             "base model θ₀ the adapters were trained over (--base)"
         )
     theta0 = read_base_tensors(base, needed) if needed else {}
