@@ -218,6 +218,8 @@ def search(config: Path, out_dir: Path, **options) -> None:
     if report.plot:
         click.echo(f"  plot:        {report.plot.resolve()}")
     click.echo(f"  best config: {report.best_config.resolve()}")
+    if report.adapter:
+        click.echo(f"  best adapter: {report.adapter.resolve()}")
     if report.merged:
         click.echo(f"  merged model (mergekit): {report.merged.resolve()}")
     else:

@@ -44,6 +44,8 @@ def make_adapter(base: Path, out: Path, *, seed: int, save_scale: float = 0.01,
         for name, parameter in lora.named_parameters():
             if "modules_to_save" in name:
                 parameter.add_(torch.randn_like(parameter) * save_scale)
+            if "lora_B" in name or "lora_embedding_B" in name:  # a step of a few % of θ₀
+                parameter.mul_(0.01)
     lora.save_pretrained(str(out))
     return out
 
@@ -241,3 +243,96 @@ def test_cli_writes_the_adapter(base, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["lora_alpha"] == pytest.approx(8 * 1.3)
+
+
+# -- the α search on an adapter: scalings only ----------------------------------------------
+
+
+PROMPTS = ["The assistant answers the question", "A helpful answer is", "Numbers 0 1 2 3"]
+
+
+def test_adapter_search_samples_what_the_merged_full_model_samples(base, tmp_path):
+    """Same α, same seed: the adapter candidate (θ₀ + (1+α)·s·BA, unmerged) and the full-model
+    candidate (θ₁ merged by mergekit's PEFT step, then extrapolated) sample the same tokens."""
+    from conftest import write_config
+
+    from mergekit_expo.search.adapter_candidates import AdapterWeights
+    from mergekit_expo.search.candidates import CandidateWeights
+    from mergekit_expo.search.generation import Sampler, load_tokenizer
+    from mergekit_expo.search.merge_config import load_search_config
+    from mergekit_expo.search.settings import SamplingSettings
+
+    adapter = make_adapter(base, tmp_path / "dpo", seed=31, modules_to_save=["lm_head"])
+    from mergekit.common import ModelReference
+
+    theta1 = ModelReference.parse(f"{base}+{adapter}").merged(cache_dir=str(tmp_path / "cache"))
+    adapter_cfg = {"merge_method": "expo", "base_model": str(base),
+                   "models": [{"model": f"{base}+{adapter}"}]}
+    full_cfg = {**adapter_cfg, "models": [{"model": theta1.model.path}]}
+    by_adapter = AdapterWeights(load_search_config(write_config(tmp_path / "a.yml", adapter_cfg)),
+                                progress=False)
+    search = load_search_config(write_config(tmp_path / "f.yml", full_cfg))
+    full = CandidateWeights(search, progress=False)
+    tokenizer = load_tokenizer(by_adapter.search)
+    sampling = SamplingSettings(max_new_tokens=10, batch_size=3, seed=3)
+    assert by_adapter.model.base_model.model.model.layers[0].self_attn.q_proj.lora_A  # unmerged
+    for alpha in (0.3, 1.5):
+        by_adapter.apply(alpha, 0.0)
+        full.apply(alpha, 0.0)
+        ours = Sampler(by_adapter.model, tokenizer, PROMPTS, sampling).generate(progress=False)
+        theirs = Sampler(full.model, tokenizer, PROMPTS, sampling).generate(progress=False)
+        assert ours == theirs
+        assert sum(r.tokens for r in ours) > 0
+
+
+def test_adapter_search_runs_resumes_and_writes_the_winner(base, tmp_path):
+    """The whole search on `BASE+ADAPTER`: DPO scorer, winner as an adapter and as a model."""
+    from conftest import write_config
+
+    from mergekit_expo.search.run import run_search
+    from mergekit_expo.search.settings import SearchSettings
+
+    adapter = make_adapter(base, tmp_path / "dpo", seed=32)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(
+        json.dumps({"prompt": p, "chosen": " helpful and honest.", "rejected": " 0 1 2"}) + "\n"
+        for p in PROMPTS
+    ))
+    config = write_config(tmp_path / "c.yml", {
+        "merge_method": "expo", "base_model": str(base),
+        "models": [{"model": f"{base}+{adapter}"}]})
+    settings = SearchSettings.model_validate({
+        "config": config, "out_dir": tmp_path / "search", "alphas": [0.2, 0.6],
+        "scorer": {"kind": "dpo", "pairs": pairs, "beta": 0.1}, "progress": False,
+        "write_best": tmp_path / "merged"})
+    report = run_search(settings)
+    assert [r["alpha"] for r in report.rows] == [0.2, 0.6]
+    assert report.winner is not None and report.adapter == tmp_path / "search" / "best_adapter"
+    alpha = report.winner["alpha"]
+    written = json.loads((report.adapter / "adapter_config.json").read_text())
+    assert written["lora_alpha"] == pytest.approx(8 * (1 + alpha))
+    # the merged winner is mergekit's `BASE+ADAPTER` expo merge at the winning α
+    merged = load(report.merged)
+    expected = load(run_merge_in_process(
+        {**yaml_load(config), "parameters": {"alpha": alpha}}, tmp_path / "again",
+        lora_merge_cache=str(tmp_path / "cache")))
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert run_search(settings).skipped == 2  # resumed: nothing recomputed
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_search_refuses_adapters_over_different_bases(base, zoo, tmp_path):
+    from conftest import write_config
+
+    from mergekit_expo.search.merge_config import SearchConfigError, load_search_config
+
+    adapter = make_adapter(base, tmp_path / "dpo", seed=33)
+    config = {"merge_method": "expo", "base_model": str(zoo.sft),
+              "models": [{"model": f"{base}+{adapter}"}]}
+    with pytest.raises(SearchConfigError, match="adapters over one base model"):
+        load_search_config(write_config(tmp_path / "c.yml", config))

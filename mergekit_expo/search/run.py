@@ -30,6 +30,7 @@ LOG = logging.getLogger("mergekit_expo")
 RESULTS_NAME = "results.jsonl"
 PLOT_NAME = "search.png"
 BEST_CONFIG_NAME = "best.yml"
+BEST_ADAPTER_NAME = "best_adapter"
 
 
 @dataclass
@@ -40,6 +41,7 @@ class SearchReport:
     plot: Path | None
     best_config: Path | None
     merged: Path | None = None
+    adapter: Path | None = None  # the winner as a LoRA adapter (adapter-based configs)
     skipped: int = 0  # candidates found finished in the results file
     notes: list[str] = field(default_factory=list)
 
@@ -89,6 +91,10 @@ def run_search(settings: SearchSettings) -> SearchReport:
         best = best_config(search, winner["alpha"], winner["lambda"])
         report.best_config = out_dir / BEST_CONFIG_NAME
         report.best_config.write_text(yaml.safe_dump(best, sort_keys=False), encoding="utf-8")
+        if search.uses_adapters:
+            report.adapter = write_best_adapter(
+                search, winner["alpha"], winner["lambda"], out_dir / BEST_ADAPTER_NAME
+            )
         if settings.write_best is not None:
             scorer = None
             gc.collect()
@@ -116,9 +122,33 @@ def write_best(config_path: Path, out: Path, settings: SearchSettings) -> Path:
     config = MergeConfiguration.model_validate(yaml.safe_load(text))
     LOG.info("expo search: merging the winner (%s) into %s", config_path, out)
     # on the CPU, as the search computed the candidate: the winner is then bit for bit the same
-    options = MergeOptions(copy_tokenizer=True, quiet=not settings.progress)
-    run_merge(config, str(out), options=options, config_source=text)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="expo-lora-") as cache:  # for `BASE+ADAPTER` inputs
+        options = MergeOptions(
+            copy_tokenizer=True, quiet=not settings.progress, lora_merge_cache=cache
+        )
+        run_merge(config, str(out), options=options, config_source=text)
     return out
+
+
+def write_best_adapter(search: SearchConfig, alpha: float, lam: float, out: Path) -> Path | None:
+    """The winner of an adapter search as one PEFT adapter (docs/lora.md), if it is one."""
+    from mergekit_expo.lora.adapter import AdapterError
+    from mergekit_expo.lora.extrapolate import expo_adapter
+
+    adapters = [m.lora.path for m in (*search.intermediates, search.final)] if lam else [
+        search.final.lora.path
+    ]
+    reference = search.reference.lora.path if search.reference.lora else None
+    try:
+        return expo_adapter(
+            adapters, out, alpha=alpha, lam=lam, reference_adapter=reference,
+            base=search.final.model.path,
+        )
+    except AdapterError as error:
+        LOG.warning("expo search: the winner is not written as an adapter: %s", error)
+        return None
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -129,6 +159,8 @@ def _score_candidates(settings, search, scorer, data, pending, results, key_sett
     from mergekit_expo.search.generation import Sampler, load_tokenizer, uses_chat_template
 
     need_mids = any(lam for _, lam in pending)
+    if search.uses_adapters:  # only the LoRA scalings change per candidate
+        from mergekit_expo.search.adapter_candidates import AdapterWeights as CandidateWeights
     weights = CandidateWeights(
         search, device=settings.device, need_intermediates=need_mids, progress=settings.progress
     )
@@ -246,6 +278,8 @@ def _key_settings(settings: SearchSettings, search: SearchConfig, scorer) -> dic
     return {
         "config": config,
         "model_files": {str(m): files_identity(str(m.model.path)) for m in models},
+        **({"adapter_files": {str(m): files_identity(str(m.lora.path)) for m in models if m.lora}}
+           if search.uses_adapters else {}),
         "scorer": scorer.identity(),
         "prompts_sha256": (
             file_digest(settings.prompts) if settings.scorer.kind != "dpo" else None
