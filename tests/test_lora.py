@@ -251,9 +251,14 @@ def test_cli_writes_the_adapter(base, tmp_path):
 PROMPTS = ["The assistant answers the question", "A helpful answer is", "Numbers 0 1 2 3"]
 
 
-def test_adapter_search_samples_what_the_merged_full_model_samples(base, tmp_path):
+def test_adapter_search_samples_what_the_merged_full_model_samples(zoo, tmp_path):
     """Same α, same seed: the adapter candidate (θ₀ + (1+α)·s·BA, unmerged) and the full-model
-    candidate (θ₁ merged by mergekit's PEFT step, then extrapolated) sample the same tokens."""
+    candidate (θ₁ merged by mergekit's PEFT step, then extrapolated) sample the same tokens.
+
+    float32, so that the two ways of computing the same model (unmerged LoRA path vs merged
+    weights) differ by float32 noise only; in bf16 they can differ in the last bit of a logit
+    and sampling can then differ on a near-tie (docs/lora.md)."""
+    base = zoo.base("lora_sft32", hidden=64, seed=8, dtype=torch.float32)
     from conftest import write_config
 
     from mergekit_expo.search.adapter_candidates import AdapterWeights
@@ -276,13 +281,18 @@ def test_adapter_search_samples_what_the_merged_full_model_samples(base, tmp_pat
     tokenizer = load_tokenizer(by_adapter.search)
     sampling = SamplingSettings(max_new_tokens=10, batch_size=3, seed=3)
     assert by_adapter.model.base_model.model.model.layers[0].self_attn.q_proj.lora_A  # unmerged
-    for alpha in (0.3, 1.5):
+    seen = []
+    for alpha in (0.3, 4.0):
         by_adapter.apply(alpha, 0.0)
         full.apply(alpha, 0.0)
         ours = Sampler(by_adapter.model, tokenizer, PROMPTS, sampling).generate(progress=False)
         theirs = Sampler(full.model, tokenizer, PROMPTS, sampling).generate(progress=False)
         assert ours == theirs
         assert sum(r.tokens for r in ours) > 0
+        seen.append(ours)
+    by_adapter.apply_reference()
+    seen.append(Sampler(by_adapter.model, tokenizer, PROMPTS, sampling).generate(progress=False))
+    assert seen[0] != seen[1] != seen[2]  # α reaches the model: the test can tell candidates apart
 
 
 def test_adapter_search_runs_resumes_and_writes_the_winner(base, tmp_path):
@@ -336,3 +346,33 @@ def test_search_refuses_adapters_over_different_bases(base, zoo, tmp_path):
               "models": [{"model": f"{base}+{adapter}"}]}
     with pytest.raises(SearchConfigError, match="adapters over one base model"):
         load_search_config(write_config(tmp_path / "c.yml", config))
+
+
+def test_adapter_candidates_for_iterative_and_reference_adapters(zoo, tmp_path):
+    """θ(α, λ) from scalings alone, with θ₀ = BASE + SFT adapter and three iterates."""
+    from conftest import write_config
+
+    from mergekit_expo.search.adapter_candidates import AdapterWeights
+    from mergekit_expo.search.merge_config import load_search_config
+
+    base = zoo.base("lora_sft32", hidden=64, seed=8, dtype=torch.float32)
+    sft = make_adapter(base, tmp_path / "sft", seed=41)
+    its = [make_adapter(base, tmp_path / f"it{i}", seed=42 + i, r=2 + i) for i in range(3)]
+    config = {"merge_method": "expo", "base_model": f"{base}+{sft}",
+              "models": [{"model": f"{base}+{p}"} for p in its]}
+    weights = AdapterWeights(load_search_config(write_config(tmp_path / "c.yml", config)),
+                             need_intermediates=True, progress=False)
+    theta0 = merged64(base, sft)
+    thetas = [merged64(base, p) for p in its]
+    for alpha, lam in [(0.5, 0.3), (2.0, 0.0), (-1.0, 0.0)]:
+        weights.apply(alpha, lam)
+        ours = weights.state_dict()
+        for name, reference in theta0.items():
+            exact = formula64(reference, thetas[-1][name], [t[name] for t in thetas[:-1]],
+                              alpha=alpha, lam=lam)
+            torch.testing.assert_close(ours[name].double(), exact, rtol=1e-6, atol=1e-7)
+    weights.apply_reference()  # θ₀ itself, for the DPO scorer's reference log-probabilities
+    assert weights.applied is None
+    torch.testing.assert_close(weights.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+                               .double(), theta0["model.layers.0.self_attn.q_proj.weight"],
+                               rtol=1e-6, atol=1e-7)
