@@ -29,6 +29,7 @@ SEARCH_BENCH_SMALL = (
     "benchmarks/search_bench.py --workdir {tmp} --hidden 64 --layers 2 --alphas 0.1,0.3 "
     "--prompts 2 --max-new-tokens 4 --threads 1 --repeat 1"
 )
+LORA_BENCH_SMALL = "benchmarks/lora_bench.py --params 2M --repeats 1 --workdir {tmp}/lora"
 # every benchmark command in the docs -> how the suite runs it
 SMALLEST = {
     "python -m benchmarks run": QUICK,
@@ -47,6 +48,7 @@ SMALLEST = {
     ),
     "python benchmarks/search_bench.py --workdir /tmp/sbench-big --hidden 2048 --layers 16 "
     "--prompts 8 --max-new-tokens 16 --threads 1 --repeat 2": SEARCH_BENCH_SMALL,
+    "python benchmarks/lora_bench.py --params 1.1B --repeats 3": LORA_BENCH_SMALL,
 }
 # what each smallest form must print: it ran to the end and checked its numbers
 EXPECTED = {
@@ -54,6 +56,7 @@ EXPECTED = {
     SMALLEST["python -m benchmarks breakdown --wait-quiet 0.3"]: r"\| merge method \(kernel",
     "benchmarks/agreement.py": r"iterative alpha=1\.7 lambda=0\.2: expo 99\.99",
     SEARCH_BENCH_SMALL: r'"scores_identical": true',
+    LORA_BENCH_SMALL: r'"adapter_differing_elements_after_bf16_rounding": 0',
 }
 
 

@@ -51,7 +51,7 @@ def make_adapter(base: Path, out: Path, *, seed: int, save_scale: float = 0.01,
 
 
 def merged64(base: Path, *adapters: Path) -> dict[str, torch.Tensor]:
-    """θ₀ (+ adapters) as PEFT merges them, in float64: base + Σ s·BA with no rounding to speak of."""
+    """θ₀ (+ adapters) as PEFT merges them, in float64: base + Σ s·BA, no rounding to speak of."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
@@ -84,7 +84,8 @@ def differing(actual64: dict, expected64: dict, *inputs: dict, alpha=ALPHA) -> d
 
 CASES = {
     "lora": {},
-    "rslora-patterns": {"use_rslora": True, "rank_pattern": {"q_proj": 2, "layers.1.mlp.down_proj": 6},
+    "rslora-patterns": {"use_rslora": True,
+                        "rank_pattern": {"q_proj": 2, "layers.1.mlp.down_proj": 6},
                         "alpha_pattern": {"layers.0.self_attn.v_proj": 3}},
     "modules-to-save": {"modules_to_save": ["lm_head"]},
     "bf16-adapter": {"bf16": True, "target_modules": ["q_proj", "k_proj", "embed_tokens"]},
@@ -121,7 +122,9 @@ def test_the_output_loads_in_peft_with_the_scaled_scaling(base, tmp_path):
     out = expo_adapter([adapter], tmp_path / "out", alpha=ALPHA)
     scalings = {}
     for path in (adapter, out):
-        model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(path))
+        model = peft.PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base), str(path)
+        )
         scalings[path] = {n: m.scaling["default"] for n, m in model.named_modules()
                           if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert len(set(scalings[adapter].values())) >= 3  # the patterns give different scalings
@@ -239,7 +242,8 @@ def test_full_tensor_in_one_adapter_and_lora_target_in_another_is_refused(base, 
 
 def test_cli_writes_the_adapter(base, tmp_path):
     adapter = make_adapter(base, tmp_path / "dpo", seed=8)
-    result = CliRunner().invoke(main, ["lora", str(adapter), str(tmp_path / "out"), "--alpha", "0.3"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["lora", str(adapter), str(out), "--alpha", "0.3"])
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["lora_alpha"] == pytest.approx(8 * 1.3)

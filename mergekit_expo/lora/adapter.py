@@ -111,8 +111,6 @@ def read_adapter(path: str | Path) -> Adapter:
 
 def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
     """(rank, scaling) of one module as PEFT computes it: lora_alpha / r, or / √r with rsLoRA."""
-    from peft.utils.other import get_pattern_key
-
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     rank = config["r"]
@@ -124,6 +122,15 @@ def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
     if config.get("use_rslora"):
         return rank, alpha / math.sqrt(rank)
     return rank, alpha / rank
+
+
+def get_pattern_key(pattern_keys, key_to_match: str) -> str:
+    """PEFT's rule (peft.utils.other.get_pattern_key), kept here so that reading an adapter does
+    not import peft and transformers (seconds): the first key matching a dotted suffix wins."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
 
 
 def _classify(path: Path, config, tensors) -> tuple[dict[str, LoraPair], dict[str, str]]:

@@ -130,7 +130,10 @@ def _concatenated(terms: list[Term], out: Path, *, alpha, lam, base) -> Path:
         a_parts, b_parts = [], []
         for term, pair in blocks:
             a, b = term.adapter.tensors[pair.a_key], term.adapter.tensors[pair.b_key]
-            if a_parts and (a.shape[1:] != a_parts[0].shape[1:] or b.shape[0] != b_parts[0].shape[0]):
+            mismatch = a_parts and (
+                a.shape[1:] != a_parts[0].shape[1:] or b.shape[0] != b_parts[0].shape[0]
+            )
+            if mismatch:
                 raise AdapterError(
                     f"{term.adapter.path}: module {module} has A {tuple(a.shape)}, B "
                     f"{tuple(b.shape)}, unlike the other adapters; they cannot be concatenated"
@@ -167,8 +170,7 @@ def _concatenated_config(terms: list[Term], ranks: dict[str, int]) -> dict:
 
 def _saved_tensors(terms: list[Term], base, *, alpha: float, lam: float):
     """Each saved module's tensor θ = θ₀ + (the formula's combination), float64, one rounding."""
-    names = sorted({n for t in terms if t.role != "reference" for n in t.adapter.saved})
-    names += sorted({n for t in terms if t.role == "reference" for n in t.adapter.saved} - set(names))
+    names = sorted({n for t in terms for n in t.adapter.saved})
     if not names:
         return {}
     lora_modules = {m for t in terms for m in t.adapter.pairs}
@@ -186,8 +188,8 @@ def _saved_tensors(terms: list[Term], base, *, alpha: float, lam: float):
         owners = sorted({str(t.adapter.path) for t in terms if set(t.adapter.saved) & set(needed)})
         raise AdapterError(
             f"adapter {', '.join(owners)} saves full tensors (modules_to_save or embedding "
-            f"weights: {', '.join(needed)}); they are extrapolated against θ₀'s tensors, so give the "
-            "base model θ₀ the adapters were trained over (--base)"
+            f"weights: {', '.join(needed)}); they are extrapolated against θ₀'s tensors, so "
+            "give the base model θ₀ the adapters were trained over (--base)"
         )
     theta0 = read_base_tensors(base, needed) if needed else {}
     if reference is not None:
