@@ -25,23 +25,16 @@ LOG = logging.getLogger("mergekit_expo")
 class AdapterWeights:
     """BASE plus every adapter of the config, held once; :meth:`apply` sets the scalings."""
 
-    def __init__(
-        self,
-        search: SearchConfig,
-        *,
-        device: str = "cpu",
-        need_intermediates: bool = False,
-        progress: bool = True,
-    ):
+    def __init__(self, search: SearchConfig, *, device: str = "cpu",
+                 need_intermediates: bool = False, progress: bool = True):
         from mergekit.common import dtype_from_name
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
+        from transformers.utils.logging import disable_progress_bar
 
-        self.search = search
         if not progress:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
+            disable_progress_bar()
+        self.search = search
         roles = [("final", search.final)]
         if need_intermediates:
             roles += [(f"intermediate{i}", m) for i, m in enumerate(search.intermediates)]
