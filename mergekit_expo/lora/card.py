@@ -24,6 +24,11 @@ def adapter_card(record: dict[str, Any]) -> str:
             "carries its coefficient × its scaling (float64, rounded once); the scaling is 1."
         )
         formula = "θ = −αθ₀ + (1+α)λθ̄ + (1+α)(1−λ)θ_T, θ̄ = mean(θ₁…θ_{T−1})"
+    if record.get("full_tensors"):
+        how += (
+            f" Full tensors ({', '.join(record['full_tensors'])}) are extrapolated against "
+            "θ₀'s in float64 and rounded once to their dtype."
+        )
     rows = "\n".join(
         f"| `{i['adapter']}` | {i['role']} | {i['coefficient']:.6g} |" for i in inputs
     )

@@ -237,5 +237,6 @@ def _record(route, terms, alpha, lam, base, config) -> dict:
         ],
         "base": str(base) if base is not None else terms[-1].adapter.base_model,
         "lora_alpha": config["lora_alpha"],
+        "full_tensors": sorted({n for t in terms for n in t.adapter.saved}),
         "mergekit_expo": version("mergekit-expo"),
     }
