@@ -142,7 +142,8 @@ def search(config: Path, out_dir: Path, **options) -> None:
     """Grid-search α (and λ) for an expo CONFIG; results, plot and best.yml go to OUT_DIR.
 
     Each candidate's weights are set in place from θ₀ and θ_T (and θ̄): inputs are read once,
-    no model is written or reloaded. A re-run with the same settings resumes.
+    no model is written or reloaded. A re-run with the same settings resumes. With models given
+    as BASE+ADAPTER only the LoRA scalings change, and the winner is also written as an adapter.
     """
     import logging
 
