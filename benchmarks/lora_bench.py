@@ -148,7 +148,8 @@ def main(params, rank, alpha, repeats, workdir, json_out):
                        f"{measured.peak_private_bytes / 1e9:.2f} GB private, "
                        f"{size(Path(out)) / 1e6:.1f} MB written")
     checked = check(sft, adapter, runs_dir / "adapter", runs_dir / "merged", alpha)
-    shutil.rmtree(runs_dir / "lora-cache", ignore_errors=True)
+    for big in ("lora-cache", "merged"):  # GBs at 1 B parameters
+        shutil.rmtree(runs_dir / big, ignore_errors=True)
     medians = {
         name: {key: statistics.median(r[key] for r in found) for key in found[0]}
         for name, found in rows.items()
