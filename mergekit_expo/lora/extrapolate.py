@@ -19,6 +19,7 @@ formula against θ₀'s tensor.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 from collections import Counter
@@ -68,6 +69,11 @@ def expo_adapter(
             f"lambda = {lam:g} needs the intermediate adapters θ₁…θ_(T−1) before the final one"
         )
     final = read_adapter(adapters[-1])
+    if len(adapters) > 1 and not lam:
+        logging.getLogger("mergekit_expo").warning(
+            "expo lora: lambda is 0, so the adapters before the last (%s) are ignored (plain "
+            "ExPO on %s); pass --lambda to use them", [str(a) for a in adapters[:-1]], adapters[-1],
+        )
     if reference_adapter is None and not lam:
         return _scaled(final, Path(out), alpha=alpha, base=base)
     terms = _terms(adapters, final, alpha=alpha, lam=lam, reference_adapter=reference_adapter)
@@ -111,8 +117,6 @@ def _terms(adapters, final: Adapter, *, alpha, lam, reference_adapter) -> list[T
         raise AdapterError("the adapters differ in fan_in_fan_out; they cannot be concatenated")
     bases = {t.adapter.base_model for t in terms}
     if len(bases) > 1:
-        import logging
-
         logging.getLogger("mergekit_expo").warning(
             "expo lora: the adapters name different base models %s; the combination is exact "
             "only if all were trained over the same model", sorted(map(str, bases)),
