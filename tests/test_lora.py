@@ -163,7 +163,9 @@ def test_iterative_adapters_concatenate_to_the_lambda_alpha_merge(base, tmp_path
         make_adapter(base, tmp_path / "it1", seed=11, r=2, lora_alpha=4),
         make_adapter(base, tmp_path / "it2", seed=12, r=4, lora_alpha=16, use_rslora=True,
                      target_modules=["q_proj", "o_proj"]),
-        make_adapter(base, tmp_path / "it3", seed=13, modules_to_save=["lm_head"]),
+        # the last adapter's config is the template: its layer selection must not leak
+        make_adapter(base, tmp_path / "it3", seed=13, modules_to_save=["lm_head"],
+                     layers_to_transform=[0]),
     ]
     lam = 0.3
     out = expo_adapter(paths, tmp_path / "out", alpha=ALPHA, lam=lam, base=base)

@@ -62,6 +62,9 @@ def expo_adapter(
     """
     if not adapters:
         raise AdapterError("give at least one adapter (θ_T, the DPO adapter)")
+    inputs = {Path(p).resolve() for p in [*adapters, reference_adapter] if p is not None}
+    if Path(out).resolve() in inputs:
+        raise AdapterError(f"{out}: the output directory is one of the input adapters")
     if not math.isfinite(alpha) or not math.isfinite(lam):
         raise AdapterError(f"alpha and lambda must be finite numbers (got {alpha}, {lam})")
     if lam and len(adapters) < 2:
@@ -165,6 +168,8 @@ def _concatenated_config(terms: list[Term], ranks: dict[str, int]) -> dict:
         r=usual, lora_alpha=usual, use_rslora=False, rank_pattern=others,
         alpha_pattern=dict(others), target_modules=sorted(ranks),
         modules_to_save=saved or None, init_lora_weights=True,
+        # the module list is explicit: the last adapter's own selectors must not filter it
+        layers_to_transform=None, layers_pattern=None, exclude_modules=None,
     )
     return config
 
