@@ -55,8 +55,9 @@ def demo(out: Path, alpha: float) -> None:
 def lora(adapters, out: Path, alpha: float, lam: float, base, reference_adapter) -> None:
     """Write an extrapolated LoRA adapter to OUT: update (1+α)× the DPO adapter's.
 
-    One ADAPTER (θ₁ = θ₀ + s·BA): the scaling is multiplied, no weight changes. Several, or
-    --reference-adapter: one adapter of concatenated ranks. See docs/lora.md.
+    One ADAPTER (θ₁ = θ₀ + s·BA): the scaling is multiplied, no weight changes (DoRA: rows of
+    B and the magnitude, needs --base). Several, or --reference-adapter: one adapter of
+    concatenated ranks. See docs/lora.md.
     """
     from mergekit_expo.lora.adapter import AdapterError
     from mergekit_expo.lora.extrapolate import expo_adapter

@@ -217,17 +217,46 @@ def test_modules_to_save_needs_the_base_model(base, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_dora_adapter_merges_to_the_float64_formula(base, tmp_path):
+    """DoRA: per-row factors on B and a new magnitude; float32 rounding of B' and m' bounded."""
+    dora = make_adapter(base, tmp_path / "dora", seed=5, use_dora=True,
+                        target_modules=["q_proj", "down_proj"])
+    with pytest.raises(AdapterError, match="DoRA adapter.*--base"):
+        expo_adapter([dora], tmp_path / "none", alpha=ALPHA)
+    out = expo_adapter([dora], tmp_path / "out", alpha=ALPHA, base=base)
+    theta0, theta1, ours = merged64(base), merged64(base, dora), merged64(base, out)
+    changed = [k for k in theta0 if not torch.equal(theta0[k], theta1[k])]
+    assert len(changed) == 4
+    exacts = {}
+    given = read_adapter(dora, dora=True)
+    for name in theta0:
+        exact = formula64(theta0[name], theta1[name], alpha=ALPHA)
+        update = 0.0  # |s·B||A|: where rounding B' (float32) can show
+        pair = given.pairs.get(name.removesuffix(".weight"))
+        if pair is not None:
+            a, b = (given.tensors[k].double().abs() for k in (pair.a_key, pair.b_key))
+            update = pair.scaling * (b @ a)
+        # B' and m' rounded once to float32 (2⁻²⁴ each); the row factor scales whole rows
+        bound = 2.0**-22 * (1 + ALPHA) * (exact.abs() + 2 * update) + 1e-15
+        assert bool(((ours[name] - exact).abs() <= bound).all()), name
+        exacts[name] = exact
+    assert differing(ours, exacts, theta0, theta1) == {}
+    assert json.loads((out / "mergekit_expo.json").read_text())["route"] == "dora"
+
+
 def test_dora_and_other_peft_types_are_refused_through_the_cli(base, tmp_path):
     from transformers import AutoModelForCausalLM
 
     dora = make_adapter(base, tmp_path / "dora", seed=5, use_dora=True)
+    other = make_adapter(base, tmp_path / "lora", seed=9)
     ia3 = tmp_path / "ia3"
     peft.get_peft_model(
         AutoModelForCausalLM.from_pretrained(base),
         peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
     ).save_pretrained(str(ia3))
     runner = CliRunner()
-    result = runner.invoke(main, ["lora", str(dora), str(tmp_path / "o1"), "--alpha", "0.5"])
+    result = runner.invoke(main, ["lora", str(dora), str(other), str(tmp_path / "o1"),
+                                  "--alpha", "0.5", "--lambda", "0.5"])
     assert result.exit_code == 1 and "use_dora = True is not supported: DoRA" in result.output
     result = runner.invoke(main, ["lora", str(ia3), str(tmp_path / "o2"), "--alpha", "0.5"])
     assert result.exit_code == 1 and "peft_type is 'IA3'" in result.output

@@ -2,9 +2,9 @@
 
 Only what the extrapolation needs is interpreted: the low-rank pairs (``lora_A``/``lora_B``,
 ``lora_embedding_A``/``lora_embedding_B``), the full tensors of ``modules_to_save`` and the
-per-module scaling. Every adapter feature that would make the update anything other than
-``scaling · B @ A`` (DoRA, LoRA biases, trained base biases, trainable tokens, …) is refused by
-name, so that no output is silently wrong.
+per-module scaling, and DoRA's magnitude vectors when the caller can handle them. Every other
+feature that would make the update anything other than ``scaling · B @ A`` (LoRA biases, trained
+base biases, trainable tokens, …) is refused by name, so that no output is silently wrong.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,9 @@ PAIRS = {"lora_A": "lora_B", "lora_embedding_A": "lora_embedding_B"}
 # config fields that change the update beyond scaling · B @ A: (field, harmless value, why)
 UNSUPPORTED = [
     ("use_dora", False, "DoRA's magnitude vector renormalises every row of W + sBA, so the "
-     "update is not linear in the scale and no rescaling of the adapter is (1+α)× the step"),
+     "update is not linear in the scale: a scaled or concatenated adapter is not the step × "
+     "(1+α); only a single DoRA adapter is extrapolated (mergekit-expo lora ADAPTER OUT "
+     "--base θ₀)"),
     ("lora_bias", False, "lora_B biases are added as well as scaled"),
     ("bias", "none", "the adapter trains the base model's biases"),
     ("trainable_token_indices", None, "the adapter trains single embedding rows"),
@@ -63,6 +65,7 @@ class Adapter:
     # full tensors: θ₀'s tensor name -> key in the adapter file (modules_to_save, and the
     # weight of a targeted embedding that PEFT saves as ``base_layer``)
     saved: dict[str, str]
+    magnitudes: dict[str, str] = field(default_factory=dict)  # DoRA: module -> key
 
     @property
     def base_model(self) -> str | None:
@@ -76,8 +79,8 @@ class Adapter:
         return self.tensors[pair.b_key].dtype
 
 
-def read_adapter(path: str | Path) -> Adapter:
-    """Read and check a local PEFT LoRA adapter directory."""
+def read_adapter(path: str | Path, *, dora: bool = False) -> Adapter:
+    """Read and check a local PEFT LoRA adapter directory (DoRA only if ``dora``)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -96,17 +99,26 @@ def read_adapter(path: str | Path) -> Adapter:
             "can be extrapolated as an adapter. Merge the adapter into its base model and "
             "extrapolate the full model with mergekit-yaml (`model: base+adapter`)."
         )
-    for field, harmless, why in UNSUPPORTED:
-        value = config.get(field, harmless)
+    for option, harmless, why in UNSUPPORTED:
+        if dora and option == "use_dora":
+            continue
+        value = config.get(option, harmless)
         if value not in (harmless, None, False) and value != [] and value != {}:
             raise AdapterError(
-                f"{config_path}: {field} = {value!r} is not supported: {why}. Extrapolate the "
+                f"{config_path}: {option} = {value!r} is not supported: {why}. Extrapolate the "
                 "full model instead: mergekit-yaml with `model: BASE+ADAPTER` and "
                 "`merge_method: expo` merges the adapter first (docs/lora.md)."
             )
     tensors = load_file(str(weights_path))
-    pairs, saved = _classify(path, config, tensors)
-    return Adapter(path, config, tensors, pairs, saved)
+    pairs, saved, magnitudes = _classify(path, config, tensors)
+    for module, pair in pairs.items():
+        plain = module in magnitudes and "embedding" not in pair.a_key
+        if config.get("use_dora") and (not plain or config.get("fan_in_fan_out")):
+            raise AdapterError(
+                f"{config_path}: DoRA module {module} is not a plain linear layer with a "
+                "magnitude vector; only those are extrapolated exactly. Use the full merge."
+            )
+    return Adapter(path, config, tensors, pairs, saved, magnitudes)
 
 
 def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
@@ -133,14 +145,18 @@ def get_pattern_key(pattern_keys, key_to_match: str) -> str:
     return key_to_match
 
 
-def _classify(path: Path, config, tensors) -> tuple[dict[str, LoraPair], dict[str, str]]:
+def _classify(path: Path, config, tensors):
     pairs: dict[str, LoraPair] = {}
     saved: dict[str, str] = {}
+    magnitudes: dict[str, str] = {}
     pattern = re.compile(r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$")
     for key in tensors:
         name = key.removeprefix(PREFIX)
         match = pattern.match(name)
         if match is None:
+            if name.endswith(".lora_magnitude_vector") and config.get("use_dora"):
+                magnitudes[name.removesuffix(".lora_magnitude_vector")] = key
+                continue
             if ".lora_" in name or "magnitude" in name:
                 raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {key} is not a LoRA A/B pair")
             # PEFT saves a targeted embedding's own weight (save_embedding_layers) as base_layer
@@ -168,7 +184,7 @@ def _classify(path: Path, config, tensors) -> tuple[dict[str, LoraPair], dict[st
                 f"{path / WEIGHTS_NAME}: tensor {PREFIX}{name} is neither a LoRA pair nor in "
                 f"modules_to_save {listed}; cannot tell what it changes"
             )
-    return pairs, saved
+    return pairs, saved, magnitudes
 
 
 def read_base_tensors(base: str | Path, names) -> dict[str, torch.Tensor]:

@@ -11,7 +11,14 @@ def adapter_card(record: dict[str, Any]) -> str:
     reference = [i for i in inputs if i["role"] == "reference"]
     base = record["base"] or "the base model named in adapter_config.json"
     theta0 = f"`{base}` + adapter `{reference[0]['adapter']}`" if reference else f"`{base}`"
-    if record["route"] == "scaling":
+    if record["route"] == "dora":
+        how = (
+            f"DoRA: each row of `lora_B` of `{inputs[-1]['adapter']}` is multiplied by its own "
+            "factor and the magnitude vector recomputed from θ₀'s rows (float64, rounded once), "
+            "so that the merged model is exactly (1+α)θ₁ − αθ₀; the scaling is unchanged."
+        )
+        formula = "θ₂ = θ₁ + α(θ₁ − θ₀)"
+    elif record["route"] == "scaling":
         how = (
             f"The update of `{inputs[-1]['adapter']}` is multiplied by 1 + α = {1 + alpha:g} "
             f"through its scaling: `lora_alpha` (and every `alpha_pattern` entry) × {1 + alpha:g}, "

@@ -13,7 +13,8 @@ when θ₀ is itself base + SFT adapter) combine linearly:
 which is one LoRA of the summed rank: the A's concatenated along the rank, each block of B
 multiplied by its coefficient and scaling in float64 and rounded once (to float32 or wider), and
 scaling 1. ``modules_to_save`` are full tensors and go through the merge method's own float64
-formula against θ₀'s tensor.
+formula against θ₀'s tensor. A single DoRA adapter is exact too, with per-row factors on B and
+a new magnitude vector computed from θ₀'s weights (``_dora``).
 """
 
 from __future__ import annotations
@@ -71,14 +72,21 @@ def expo_adapter(
         raise AdapterError(
             f"lambda = {lam:g} needs the intermediate adapters θ₁…θ_(T−1) before the final one"
         )
-    final = read_adapter(adapters[-1])
+    final = read_adapter(adapters[-1], dora=True)
     if len(adapters) > 1 and not lam:
         logging.getLogger("mergekit_expo").warning(
             "expo lora: lambda is 0, so the adapters before the last (%s) are ignored (plain "
             "ExPO on %s); pass --lambda to use them", [str(a) for a in adapters[:-1]], adapters[-1],
         )
     if reference_adapter is None and not lam:
+        if final.magnitudes:
+            return _dora(final, Path(out), alpha=alpha, base=base)
         return _scaled(final, Path(out), alpha=alpha, base=base)
+    if final.magnitudes:
+        raise AdapterError(
+            f"{final.path}: a DoRA adapter cannot be combined with others (its update is not "
+            "linear in its scale); merge the full models with mergekit-yaml instead"
+        )
     terms = _terms(adapters, final, alpha=alpha, lam=lam, reference_adapter=reference_adapter)
     return _concatenated(terms, Path(out), alpha=alpha, lam=lam, base=base)
 
@@ -102,6 +110,45 @@ def _scaled(final: Adapter, out: Path, *, alpha: float, base) -> Path:
     record = _record("scaling", [Term(final, 1 + alpha, "final")], alpha, 0.0, base, config)
     card = adapter_card(record)
     return write_adapter(out, config, tensors, card=card, record=record)
+
+
+# -- one DoRA adapter: per-row scaled B and a new magnitude ----------------------------------
+
+
+def _dora(final: Adapter, out: Path, *, alpha: float, base) -> Path:
+    """θ₂ = (1+α)θ₁ − αW as a DoRA adapter over W = θ₀, exactly (docs/lora.md).
+
+    θ₁ = diag(r)·V with V = W + sBA, r = m / ‖V‖ (per output row). Then
+    θ₂ = diag(k)·(W + s·diag(c)·BA) with k = (1+α)r − α and c = (1+α)r / k: the same adapter
+    with row i of B times cᵢ and magnitude m' = k·‖W + s·B'A‖. Computed in float64; B' and m'
+    are rounded once, to float32 or wider.
+    """
+    if base is None:
+        raise AdapterError(
+            f"{final.path} is a DoRA adapter: its magnitude is a norm of θ₀'s rows plus the "
+            "update, so θ₀'s weights are needed (--base)"
+        )
+    names = {module: f"{module}.weight" for module in final.pairs}
+    theta0 = read_base_tensors(base, list(names.values()))
+    tensors = dict(final.tensors)
+    for module, pair in final.pairs.items():
+        a = final.tensors[pair.a_key].double()
+        b_stored = final.tensors[pair.b_key]
+        m_key = final.magnitudes[module]
+        dtype = _widest([b_stored.dtype, final.tensors[m_key].dtype, torch.float32])
+        w = theta0[names[module]].double()
+        rows = w + pair.scaling * (b_stored.double() @ a)
+        ratio = final.tensors[m_key].double() / rows.norm(dim=1)
+        k = (1 + alpha) * ratio - alpha
+        if bool((k == 0).any()):
+            raise AdapterError(f"{module}: at alpha = {alpha:g} a row of θ₂ is 0; use another α")
+        b_new = ((1 + alpha) * ratio / k)[:, None] * b_stored.double()
+        tensors[pair.b_key] = b_new.to(dtype)
+        rows_new = w + pair.scaling * (tensors[pair.b_key].double() @ a)
+        tensors[m_key] = (k * rows_new.norm(dim=1)).to(dtype)
+    tensors.update(_saved_tensors([Term(final, 1.0, "final")], base, alpha=alpha, lam=0.0))
+    record = _record("dora", [Term(final, 1 + alpha, "final")], alpha, 0.0, base, final.config)
+    return write_adapter(out, final.config, tensors, card=adapter_card(record), record=record)
 
 
 # -- several adapters: rank concatenation -----------------------------------------------------
