@@ -34,6 +34,45 @@ def demo(out: Path, alpha: float) -> None:
 
 
 @main.command()
+@click.argument(
+    "adapters", nargs=-1, required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--alpha", type=float, required=True, help="Extrapolation α.")
+@click.option(
+    "--lambda", "lam", type=float, default=0.0, show_default=True,
+    help="Iterative merge λ: ADAPTERS are θ₁…θ_T, the last is θ_T.",
+)
+@click.option(
+    "--base", type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The model the adapters were trained over (needed for modules_to_save).",
+)
+@click.option(
+    "--reference-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="θ₀ = base + this adapter (an SFT adapter the DPO adapters do not include).",
+)
+def lora(adapters, out: Path, alpha: float, lam: float, base, reference_adapter) -> None:
+    """Write an extrapolated LoRA adapter to OUT: update (1+α)× the DPO adapter's.
+
+    One ADAPTER (θ₁ = θ₀ + s·BA): the scaling is multiplied, no weight changes (DoRA: rows of
+    B and the magnitude, needs --base). Several, or --reference-adapter: one adapter of
+    concatenated ranks. See docs/lora.md.
+    """
+    from mergekit_expo.lora.adapter import AdapterError
+    from mergekit_expo.lora.extrapolate import expo_adapter
+
+    try:
+        written = expo_adapter(
+            list(adapters), out, alpha=alpha, lam=lam,
+            reference_adapter=reference_adapter, base=base,
+        )
+    except AdapterError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"Extrapolated adapter (α = {alpha:g}): {written.resolve()}")
+
+
+@main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out_path", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--cuda", is_flag=True, help="The merge will run with --cuda: check CUDA is there.")
@@ -167,7 +206,8 @@ def search(config: Path, out_dir: Path, **options) -> None:
     """Grid-search α (and λ) for an expo CONFIG; results, plot and best.yml go to OUT_DIR.
 
     Each candidate's weights are set in place from θ₀ and θ_T (and θ̄): inputs are read once,
-    no model is written or reloaded. A re-run with the same settings resumes.
+    no model is written or reloaded. A re-run with the same settings resumes. With models given
+    as BASE+ADAPTER only the LoRA scalings change, and the winner is also written as an adapter.
     """
     import logging
 
@@ -257,6 +297,8 @@ def search(config: Path, out_dir: Path, **options) -> None:
     if report.guard_plot:
         click.echo(f"  guard plot:  {report.guard_plot.resolve()}")
     click.echo(f"  best config: {report.best_config.resolve()}")
+    if report.adapter:
+        click.echo(f"  best adapter: {report.adapter.resolve()}")
     if report.merged:
         click.echo(f"  merged model (mergekit): {report.merged.resolve()}")
     else:

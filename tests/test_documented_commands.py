@@ -32,6 +32,7 @@ SEARCH_BENCH_SMALL = (
     "benchmarks/search_bench.py --workdir {tmp} --hidden 64 --layers 2 --alphas 0.3 "
     "--prompts 2 --max-new-tokens 4 --threads 1 --repeat 1"
 )
+LORA_BENCH_SMALL = "benchmarks/lora_bench.py --params 2M --repeats 1 --workdir {tmp}/lora"
 # every benchmark command in the docs -> how the suite runs it
 SMALLEST = {
     "python -m benchmarks run": QUICK,
@@ -58,6 +59,7 @@ SMALLEST = {
     "python -m benchmarks large --params 7B --repeats 3": LARGE_PLAN,
     "python -m benchmarks large --dry-run": LARGE_PLAN,
     "python -m benchmarks large --params 7B --repeats 1 --no-verify": LARGE_PLAN,
+    "python benchmarks/lora_bench.py --params 1.1B --repeats 3": LORA_BENCH_SMALL,
 }
 # what each smallest form must print: it ran to the end and checked its numbers
 EXPECTED = {
@@ -68,6 +70,7 @@ EXPECTED = {
     "-m benchmarks startup --runs 3": r"added by the start-up hook: [+-]\d+\.\d ms wall",
     SMALLEST["python -m benchmarks staging"]: r"re-run: +in place \(mergekit alone\) [\d.]+ s",
     SEARCH_BENCH_SMALL: r'(?s)weights update per candidate median .* "scores_identical": true',
+    LORA_BENCH_SMALL: r'"adapter_differing_elements_after_bf16_rounding": 0',
 }
 
 

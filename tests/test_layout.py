@@ -17,11 +17,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mergekit_expo"
 # room -> the rooms it may import from (besides itself)
 ALLOWED = {
     "merge": set(),
-    "search": {"merge", "package"},  # package: the version stamped into results.jsonl
+    "search": {"merge", "lora", "package"},  # package: the version stamped into results.jsonl
+    "lora": {"merge"},  # modules_to_save go through merge.formula
     "demo": set(),
     "package": {"merge", "startup"},  # mergekit_expo/__init__.py: METHOD_NAME and register()
     "startup": {"merge"},
-    "cli": {"merge", "search", "demo", "check"},
+    "cli": {"merge", "search", "demo", "check", "lora"},
     "check": {"merge"},
 }
 

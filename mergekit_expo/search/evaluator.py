@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mergekit_expo.search.grouped import GroupedWeights
+from mergekit_expo.search.grouped import GroupedWeights, UniformWeights
 
 
 class Evaluator:
@@ -24,12 +24,23 @@ class Evaluator:
         from mergekit_expo.search.generation import load_tokenizer, uses_chat_template
 
         self.settings, self.scorer, self.data, self.guard = settings, scorer, data, guard
-        weights = CandidateWeights(
-            search, device=settings.device, need_intermediates=need_intermediates,
-            progress=settings.progress, inputs_on_device=settings.inputs_on_device,
-        )
+        started = time.perf_counter()
+        if search.uses_adapters:  # only the LoRA scalings change per candidate
+            from mergekit_expo.search.adapter_candidates import AdapterWeights
+
+            weights = AdapterWeights(
+                search, device=settings.device, need_intermediates=need_intermediates,
+                progress=settings.progress,
+            )
+            self.weights = UniformWeights(weights)
+        else:
+            weights = CandidateWeights(
+                search, device=settings.device, need_intermediates=need_intermediates,
+                progress=settings.progress, inputs_on_device=settings.inputs_on_device,
+            )
+            self.weights = GroupedWeights(weights, assignment)
         self.candidates = weights
-        self.weights = GroupedWeights(weights, assignment)
+        self.read_seconds = time.perf_counter() - started  # model built, inputs mapped or read
         self.update_times: list[float] = []  # seconds to set each candidate's weights
         self.tokenizer = load_tokenizer(search, side="left")
         self.chat = uses_chat_template(self.tokenizer, settings.sampling.chat_template)

@@ -59,6 +59,14 @@ def make_guard(settings, scorer):
 
 def groups_of(settings, search: SearchConfig) -> tuple[list[Group], dict[str, str]]:
     """The run's groups and every checkpoint tensor's group (one group ``all`` if none)."""
+    if search.uses_adapters:  # one scale per adapter: no tensors to group
+        if settings.groups or settings.layer_bands or settings.trials:
+            raise SearchConfigError(
+                f"{search.path}: per-group α (--groups, --layer-bands, --trials) needs full "
+                "checkpoints; an adapter search sets one α for the whole adapter. Merge the "
+                "adapters into checkpoints (model: BASE+ADAPTER with mergekit) to search groups"
+            )
+        return [], {"*": "all"}
     loader = search.final.lazy_loader(lazy_unpickle=False)
     names = list(loader.index.tensor_paths)
     if not settings.groups and not settings.layer_bands:

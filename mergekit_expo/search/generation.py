@@ -31,7 +31,7 @@ def load_tokenizer(search, *, side: Literal["left", "right"] = "left"):
     from mergekit.merge import _set_chat_template  # mergekit <0.2; same template as the merge
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(search.final.local_path())
+    tokenizer = AutoTokenizer.from_pretrained(search.final.local_path(ignore_lora=True))
     try:
         _set_chat_template(tokenizer, search.merge_config)
     except Exception as error:  # noqa: BLE001 - a template problem must not stop the search
@@ -134,7 +134,7 @@ def _warn_if_tokenizers_differ(search, tokenizer) -> None:
     from transformers import AutoTokenizer
 
     try:
-        reference = AutoTokenizer.from_pretrained(search.reference.local_path())
+        reference = AutoTokenizer.from_pretrained(search.reference.local_path(ignore_lora=True))
     except Exception:  # noqa: BLE001 - θ₀ without a tokenizer: nothing to compare
         return
     if reference.get_vocab() != tokenizer.get_vocab():

@@ -59,3 +59,32 @@ class GroupedWeights:
         """θ₀ in every tensor (the DPO scorer's reference policy)."""
         self.weights.apply_reference()
         self.held = dict.fromkeys(self.members)
+
+
+class UniformWeights:
+    """A backend with one (α, λ) for the whole model (the LoRA scalings of an adapter search):
+    every group must get the same values."""
+
+    def __init__(self, weights):
+        self.weights = weights
+        self.held: tuple[float, float] | None = None
+
+    @property
+    def model(self):
+        return self.weights.model
+
+    def set(self, values: Values) -> int:
+        distinct = {tuple(float(v) for v in value) for value in values.values()}
+        if len(distinct) != 1:
+            raise ValueError(f"this backend takes one (α, λ) for all tensors, got {distinct}")
+        (alpha, lam), = distinct
+        if self.held == (alpha, lam):
+            return 0
+        self.held = None
+        self.weights.apply(alpha, lam)
+        self.held = (alpha, lam)
+        return 1
+
+    def apply_reference(self) -> None:
+        self.held = None
+        self.weights.apply_reference()

@@ -52,6 +52,11 @@ class SearchConfig:
         return self.merge_config.dtype
 
     @property
+    def uses_adapters(self) -> bool:
+        """Models given as BASE+ADAPTER: candidates change LoRA scalings (adapter_candidates)."""
+        return self.final.lora is not None
+
+    @property
     def out_dtype(self) -> str | None:
         """mergekit casts every result to ``out_dtype:`` before writing."""
         return self.merge_config.out_dtype
@@ -98,13 +103,7 @@ def load_search_config(path: str | Path) -> SearchConfig:
     roles = found[0]
     by_name = {str(m.model): m.model for m in config.models}
     by_name[str(config.base_model)] = config.base_model
-    for model in by_name.values():
-        if model.lora is not None:
-            raise SearchConfigError(
-                f"{path}: model {model} has a LoRA adapter (`+`); the search reads full "
-                "checkpoints only. Merge the adapter into its model first (e.g. with "
-                "peft's merge_and_unload) and list the merged checkpoint."
-            )
+    _check_adapter_layout(path, config.base_model, [m.model for m in config.models])
     notes: list[str] = []
     shared = dict(config.parameters or {})
     alpha = _scalar(shared.get("alpha"), "alpha", notes)
@@ -135,6 +134,23 @@ def load_search_config(path: str | Path) -> SearchConfig:
         warn_relative_change=float(warn) if isinstance(warn, (int, float)) else 0.25,
         notes=notes,
     )
+
+
+def _check_adapter_layout(path: Path, base, models: list) -> None:
+    """Adapters (`BASE+ADAPTER`) are searched by scaling: all over one BASE, θ₀ = BASE or
+    BASE+ADAPTER, no full checkpoint mixed in (docs/lora.md)."""
+    if not any(m.lora is not None for m in (base, *models)):
+        return
+    bases = {str(m.model) for m in (base, *models)}
+    plain = [str(m) for m in models if m.lora is None]
+    if len(bases) > 1 or plain:
+        raise SearchConfigError(
+            f"{path}: the search takes either full checkpoints or adapters over one base model "
+            f"(`base_model: BASE`, models `BASE+ADAPTER`); this config has base models "
+            f"{sorted(bases)}" + (f" and full checkpoints {plain}" if plain else "")
+            + ". Merge the adapters into full checkpoints (peft's merge_and_unload) and list "
+            "those instead."
+        )
 
 
 def best_config(search: SearchConfig, alpha: float, lam: float) -> dict[str, Any]:

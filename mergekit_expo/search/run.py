@@ -32,6 +32,7 @@ RESULTS_NAME = "results.jsonl"
 PLOT_NAME = "search.png"
 GUARD_PLOT_NAME = "guard.png"
 BEST_CONFIG_NAME = "best.yml"
+BEST_ADAPTER_NAME = "best_adapter"
 
 
 @dataclass
@@ -42,6 +43,7 @@ class SearchReport:
     plot: Path | None
     best_config: Path | None
     merged: Path | None = None
+    adapter: Path | None = None  # the winner as a LoRA adapter (adapter-based configs)
     skipped: int = 0  # candidates found finished in the results file
     notes: list[str] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)  # per-group rows, in order
@@ -123,6 +125,10 @@ def run_search(settings: SearchSettings) -> SearchReport:
             report.holdout = extensions.score_holdout(
                 session, holdout_data, winner, best_uniform, _make_scorer
             )
+        if search.uses_adapters:
+            report.adapter = write_best_adapter(
+                search, winner["alpha"], winner["lambda"], out_dir / BEST_ADAPTER_NAME
+            )
         if settings.write_best is not None:
             scorer = session.evaluator = None
             gc.collect()
@@ -151,9 +157,33 @@ def write_best(config_path: Path, out: Path, settings: SearchSettings) -> Path:
     config = MergeConfiguration.model_validate(yaml.safe_load(text))
     LOG.info("expo search: merging the winner (%s) into %s", config_path, out)
     # on the CPU, as the search computed the candidate: the winner is then bit for bit the same
-    options = MergeOptions(copy_tokenizer=True, quiet=not settings.progress)
-    run_merge(config, str(out), options=options, config_source=text)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="expo-lora-") as cache:  # for `BASE+ADAPTER` inputs
+        options = MergeOptions(
+            copy_tokenizer=True, quiet=not settings.progress, lora_merge_cache=cache
+        )
+        run_merge(config, str(out), options=options, config_source=text)
     return out
+
+
+def write_best_adapter(search: SearchConfig, alpha: float, lam: float, out: Path) -> Path | None:
+    """The winner of an adapter search as one PEFT adapter (docs/lora.md), if it is one."""
+    from mergekit_expo.lora.adapter import AdapterError
+    from mergekit_expo.lora.extrapolate import expo_adapter
+
+    adapters = [m.lora.path for m in (*search.intermediates, search.final)] if lam else [
+        search.final.lora.path
+    ]
+    reference = search.reference.lora.path if search.reference.lora else None
+    try:
+        return expo_adapter(
+            adapters, out, alpha=alpha, lam=lam, reference_adapter=reference,
+            base=search.final.model.path,
+        )
+    except AdapterError as error:
+        LOG.warning("expo search: the winner is not written as an adapter: %s", error)
+        return None
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -209,12 +239,13 @@ def _score_candidates(session: _Session, pending) -> None:
 def update_summary(evaluator) -> str:
     """Time to map the inputs and build the model once, against the per-candidate update."""
     weights = evaluator.candidates
-    where = "resident on the device" if weights.resident else "mapped, streamed per candidate"
+    resident = getattr(weights, "resident", False)
+    where = "resident on the device" if resident else "mapped, streamed per candidate"
     updates = evaluator.update_times
     median = f"{statistics.median(updates):.2f} s" if updates else "–"
     return (
-        f"inputs ({where}) and model ready in {weights.read_seconds:.1f} s; weights update per "
-        f"candidate: median {median} over {len(updates)}"
+        f"inputs ({where}) and model ready in {evaluator.read_seconds:.1f} s; "
+        f"weights update per candidate: median {median} over {len(updates)}"
     )
 
 
@@ -295,6 +326,8 @@ def _key_settings(settings: SearchSettings, search: SearchConfig, scorer) -> dic
     return {
         "config": config,
         "model_files": {str(m): files_identity(str(m.model.path)) for m in models},
+        **({"adapter_files": {str(m): files_identity(str(m.lora.path)) for m in models if m.lora}}
+           if search.uses_adapters else {}),
         "scorer": scorer.identity(),
         "prompts_sha256": (
             file_digest(settings.prompts) if settings.scorer.kind != "dpo" else None
