@@ -174,3 +174,35 @@ def test_changed_multimerge_task_is_named(caplog):
     assert "MergeModelTask has no ['lazy']" in caplog.text
     assert "mergekit-multi skips an expo step whose folder holds a model merged from another" \
         in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("hook", "module", "attribute", "changed", "feature", "refused"),
+    [
+        ("after_architecture", "mergekit.architecture", "get_architecture_info",
+         lambda config: None, "expo configs and inputs are not checked", True),
+        ("after_plan", "mergekit.plan", "MergePlanner",
+         type("MergePlanner", (), {"plan_to_disk": lambda self, path, extra: None}),
+         "planned expo merges are not checked", {}),
+        ("after_task_adapter", "mergekit.merge_methods.task_adapter", "ExecuteMergeMethodTask",
+         type("ExecuteMergeMethodTask", (), {"model_fields": {"method_name": None},
+                                             "execute": lambda self, tensors, **_kwargs: None}),
+         "vocabulary rows θ₀ lacks", {"tokenizer": {"source": "union"}}),
+        ("after_multimerge", "mergekit.scripts.multimerge", "make_tasks",
+         lambda merge_configs, dependencies, merge_options: None,
+         "mergekit-multi steps are checked only when each one starts", None),
+    ],
+)
+def test_changed_check_hooks_are_named_and_the_config_checks_fail_closed(
+    hook, module, attribute, changed, feature, refused, zoo, tmp_path, caplog
+):
+    stand = types.ModuleType(module)
+    setattr(stand, attribute, changed)
+    with caplog.at_level(logging.WARNING, logger="mergekit_expo"):
+        hooks.apply(hook, stand)
+    assert feature in caplog.text
+    assert getattr(stand, attribute) is changed  # left as mergekit has it
+    if refused is not None:  # a guard that cannot run refuses the merges that need it
+        with pytest.raises(RuntimeError, match=f"refusing this merge: .*{feature}"):
+            run_merge_in_process(expo(zoo, **refused), tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()

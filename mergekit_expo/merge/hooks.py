@@ -150,6 +150,13 @@ def check_hooked_modules(table: dict[str, str]) -> None:
             path = spec.submodule_search_locations
 
 
+_ADVICE = {
+    "after_io_tasks": "remove out_dtype: from the config or ",
+    "after_embed": "remove tokenizer: / tokenizer_source: from the config or ",
+    "after_task_adapter": "remove tokenizer: / tokenizer_source: from the config or ",
+}
+
+
 def refuse_without_lost_guards(merge_config: Any) -> None:
     """An expo merge that needs a guard which could not be installed is refused, not run."""
     vocabulary = bool(merge_config.tokenizer or merge_config.tokenizer_source)
@@ -157,13 +164,14 @@ def refuse_without_lost_guards(merge_config: Any) -> None:
         "after_io_tasks": bool(merge_config.out_dtype),
         "after_embed": vocabulary,
         "after_task_adapter": vocabulary,
+        "after_architecture": True,  # without the config checks a typo would pass silently
+        "after_plan": True,
     }
     for hook, needed in needs.items():
         if needed and hook in LOST:
             raise RuntimeError(
                 f"expo: refusing this merge: {FEATURES[hook]} because {LOST[hook]} "
-                f"({SUPPORTED}); remove out_dtype/tokenizer from the config or install a "
-                "supported mergekit"
+                f"({SUPPORTED}); {_ADVICE.get(hook, '')}install a supported mergekit"
             )
 
 
