@@ -180,7 +180,7 @@ def test_changed_multimerge_task_is_named(caplog):
     ("hook", "module", "attribute", "changed", "feature", "refused"),
     [
         ("after_architecture", "mergekit.architecture", "get_architecture_info",
-         lambda config: None, "expo configs and inputs are not checked", True),
+         lambda config: None, "expo configs and inputs are not checked", {}),
         ("after_plan", "mergekit.plan", "MergePlanner",
          type("MergePlanner", (), {"plan_to_disk": lambda self, path, extra: None}),
          "planned expo merges are not checked", {}),
