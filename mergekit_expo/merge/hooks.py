@@ -128,6 +128,19 @@ def _expect_fields(model: Any, fields: tuple[str, ...], hook: str) -> bool:
     return not missing
 
 
+def _expect_task(module: ModuleType, name: str, parameters: tuple[str, ...],
+                 fields: tuple[str, ...], hook: str) -> Any:
+    """mergekit's task class ``module.name`` if its ``execute`` takes ``parameters`` and it
+    declares ``fields``; else the loss is recorded and None returned."""
+    task = getattr(module, name, None)
+    if task is None:
+        lose(hook, f"mergekit's {module.__name__} has no {name}")
+        return None
+    if _expect(task, "execute", parameters, hook) and _expect_fields(task, fields, hook):
+        return task
+    return None
+
+
 def check_hooked_modules(table: dict[str, str]) -> None:
     """Each mergekit module of ``table`` can be found; one that moved loses its feature.
 
@@ -223,13 +236,8 @@ def after_card(card: ModuleType) -> None:
 
 
 def after_embed(embed: ModuleType) -> None:
-    vocabulary = getattr(embed, "PermutedVocabulary", None)
-    if vocabulary is None:
-        return lose("after_embed", "mergekit's mergekit.tokenizer.embed has no PermutedVocabulary")
-    if not (
-        _expect(vocabulary, "execute", ("self", "tokenizer_info", "tensors"), "after_embed")
-        and _expect_fields(vocabulary, ("base_model",), "after_embed")
-    ):
+    parameters = ("self", "tokenizer_info", "tensors")
+    if not _expect_task(embed, "PermutedVocabulary", parameters, ("base_model",), "after_embed"):
         return
 
     def wrap(original: Callable) -> Callable:
@@ -252,13 +260,9 @@ def after_embed(embed: ModuleType) -> None:
 
 
 def after_io_tasks(tasks: ModuleType) -> None:
-    save = getattr(tasks, "SaveTensor", None)
-    if save is None:
-        return lose("after_io_tasks", "mergekit's mergekit.io.tasks has no SaveTensor")
-    if not (
-        _expect(save, "execute", ("self", "writer", "tensor"), "after_io_tasks")
-        and _expect_fields(save, ("dtype", "tensor_task", "tensor_name"), "after_io_tasks")
-    ):
+    fields = ("dtype", "tensor_task", "tensor_name")
+    if not _expect_task(tasks, "SaveTensor", ("self", "writer", "tensor"), fields,
+                        "after_io_tasks"):
         return
 
     def wrap(original: Callable) -> Callable:
@@ -329,14 +333,10 @@ def after_merge(merge: ModuleType) -> None:
 
 
 def _rerun_stale_steps(multimerge: ModuleType) -> None:
-    task = getattr(multimerge, "MergeModelTask", None)
+    fields = ("config_yaml", "out_path", "lazy", "name")
+    task = _expect_task(multimerge, "MergeModelTask", ("self", "kwargs"), fields,
+                        "after_multimerge")
     if task is None:
-        return lose("after_multimerge", "mergekit's mergekit.scripts.multimerge has no "
-                    "MergeModelTask")
-    if not (
-        _expect(task, "execute", ("self", "kwargs"), "after_multimerge")
-        and _expect_fields(task, ("config_yaml", "out_path", "lazy", "name"), "after_multimerge")
-    ):
         return
 
     def wrap(original: Callable) -> Callable:
@@ -397,13 +397,9 @@ def after_multimerge(multimerge: ModuleType) -> None:
 
 
 def after_task_adapter(task_adapter: ModuleType) -> None:
-    task = getattr(task_adapter, "ExecuteMergeMethodTask", None)
-    if task is None:
-        return lose("after_task_adapter", "mergekit's task_adapter has no ExecuteMergeMethodTask")
-    if not (
-        _expect(task, "execute", ("self", "tensors", "_kwargs"), "after_task_adapter")
-        and _expect_fields(task, ("method_name", "gather_tensors"), "after_task_adapter")
-    ):
+    parameters, fields = ("self", "tensors", "_kwargs"), ("method_name", "gather_tensors")
+    if not _expect_task(task_adapter, "ExecuteMergeMethodTask", parameters, fields,
+                        "after_task_adapter"):
         return
 
     def wrap(original: Callable) -> Callable:
