@@ -58,7 +58,6 @@ SMALLEST = {
     SCALE,
     "python -m benchmarks large --params 7B --repeats 3": LARGE_PLAN,
     "python -m benchmarks large --dry-run": LARGE_PLAN,
-    "python -m benchmarks large --params 7B --repeats 1 --no-verify": LARGE_PLAN,
     "python benchmarks/lora_bench.py --params 1.1B --repeats 3": LORA_BENCH_SMALL,
 }
 # what each smallest form must print: it ran to the end and checked its numbers
