@@ -18,7 +18,6 @@ from benchmarks.report import (
     large_table,
     search_memory_table,
     table,
-    targets,
     targets_table,
 )
 
@@ -271,7 +270,3 @@ def add_raw_walls(session: dict) -> dict:
         for row in size["rows"]:
             row["raw_walls"] = [r["wall_s"] for r in size["raw"][row["key"]]]
     return session
-
-
-def targets_met(session: dict) -> list[tuple[str, float | None, str, bool | None]]:
-    return targets(session["sizes"][0])
