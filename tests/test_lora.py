@@ -366,6 +366,29 @@ def test_adapter_search_runs_resumes_and_writes_the_winner(base, tmp_path):
     assert run_search(again).skipped == 2  # resumed: nothing recomputed
 
 
+def test_adapter_search_refuses_per_group_alpha(base, tmp_path):
+    """One scale per adapter: groups, bands and trials need full checkpoints."""
+    from conftest import write_config
+
+    from mergekit_expo.search.merge_config import SearchConfigError
+    from mergekit_expo.search.run import run_search
+    from mergekit_expo.search.settings import SearchSettings
+
+    adapter = make_adapter(base, tmp_path / "dpo", seed=34)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "hi", "chosen": " yes", "rejected": " no"}) + "\n")
+    config = write_config(tmp_path / "c.yml", {
+        "merge_method": "expo", "base_model": str(base),
+        "models": [{"model": f"{base}+{adapter}"}]})
+    settings = SearchSettings.model_validate({
+        "config": config, "out_dir": tmp_path / "search", "alphas": [0.2],
+        "scorer": {"kind": "dpo", "pairs": pairs, "beta": 0.1}, "progress": False,
+        "groups": ["modules"]})
+    with pytest.raises(SearchConfigError, match=r"per-group α .* needs full checkpoints"):
+        run_search(settings)
+    assert not (tmp_path / "search" / "results.jsonl").exists()
+
+
 def yaml_load(path: Path) -> dict:
     import yaml
 
