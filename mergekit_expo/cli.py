@@ -306,8 +306,7 @@ def search(config: Path, out_dir: Path, **options) -> None:
 
 
 def _extended_options(options: dict) -> dict:
-    """The per-group, guard and hold-out options, as SearchSettings fields (unset ones left out,
-    so the settings' defaults apply)."""
+    """The per-group, guard and hold-out options, as SearchSettings fields."""
     out = {
         "groups": list(options["groups"]),
         "layer_bands": options["layer_bands"],

@@ -310,6 +310,8 @@ def after_merge(merge: ModuleType) -> None:
 
     def wrap(original: Callable) -> Callable:
         def run_merge(merge_config, out_path, options, config_source=None):
+            from mergekit_expo.merge.validation import uses_expo
+
             if not uses_expo(merge_config):
                 return original(merge_config, out_path, options=options,
                                 config_source=config_source)
@@ -362,10 +364,10 @@ def _stale_expo_step(config_yaml: str, out_path: str) -> bool:
     rewriting models into slices). Without a model card there is nothing to compare and
     mergekit's own rule (a config.json and weights mean done) stands.
     """
-    import os
-
     import yaml
     from mergekit.config import MergeConfiguration
+
+    from mergekit_expo.merge.validation import uses_expo
 
     written = os.path.join(out_path, "mergekit_config.yml")
     if not os.path.exists(os.path.join(out_path, "config.json")) or not os.path.exists(written):
@@ -376,18 +378,6 @@ def _stale_expo_step(config_yaml: str, out_path: str) -> bool:
     with open(written, encoding="utf-8") as handle:
         return handle.read() != config.to_yaml()
 
-
-def uses_expo(merge_config: Any) -> bool:
-    """Whether ``merge_method: expo`` appears anywhere in the config (top, slices, modules)."""
-
-    def found(value: Any) -> bool:
-        if isinstance(value, dict):
-            return value.get("merge_method") == METHOD_NAME or any(map(found, value.values()))
-        if isinstance(value, (list, tuple)):
-            return any(map(found, value))
-        return False
-
-    return found(merge_config.model_dump())
 
 def after_multimerge(multimerge: ModuleType) -> None:
     """mergekit-multi: every expo step is checked before the first runs, and a lazy run merges

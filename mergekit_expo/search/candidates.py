@@ -73,7 +73,6 @@ class CandidateWeights:
 
         if inputs_on_device not in INPUTS_ON_DEVICE:
             raise ValueError(f"inputs_on_device must be one of {INPUTS_ON_DEVICE}")
-        started = time.perf_counter()
         self.resident = False  # inputs copied onto the model's device (else mapped on the host)
 
         self.search = search
@@ -102,8 +101,6 @@ class CandidateWeights:
         self._read_reference_and_intermediates(need_intermediates, progress)
         self._warn_if_unrelated()
         self._place_inputs(inputs_on_device, progress)
-        self.applied: tuple[float, float] | None = None
-        self.read_seconds = time.perf_counter() - started  # model load and input mapping
         self.update_seconds: float | None = None  # of the last apply()
 
     # -- reading ---------------------------------------------------------------------------
@@ -289,10 +286,8 @@ class CandidateWeights:
                 parameter.copy_(result)
                 finite = bool(torch.isfinite(result).all())
             if not finite:
-                self.applied = None
                 self._raise_if_inputs_not_finite(target, lam)
                 raise CandidateOverflow(overflow_message(target.name, written, alpha, lam))
-        self.applied = (alpha, lam) if only is None else None
         self.update_seconds = time.perf_counter() - started
 
     def _raise_if_inputs_not_finite(self, target: _Target, lam: float) -> None:
@@ -320,7 +315,6 @@ class CandidateWeights:
         for target in self.targets:
             source = target.reference if target.floating else target.final
             target.parameter.data.copy_(self._cast(source))
-        self.applied = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The candidate's tensors by checkpoint name (for checks against a real merge)."""

@@ -65,7 +65,7 @@ class Evaluator:
 
         scorer = scorer or self.scorer
         data = self.data if data is None else data
-        sampler = self.sampler if sampler is None and scorer is self.scorer else sampler
+        sampler = self.sampler if sampler is None and data is self.data else sampler
         progress = self.settings.progress
         row: dict[str, Any] = {}
         started = time.perf_counter()
@@ -94,7 +94,7 @@ class Evaluator:
             scores = scorer.evaluate(self.weights.model, progress=progress)
             row.update(summary(scores), mean_length_tokens=None, scores=scores.values)
         row.update(scores.extras)
-        if self.guard is not None and scorer is self.scorer:
+        if self.guard is not None and data is self.data:
             from mergekit_expo.search.guard import guard_summary
 
             prompts = data if texts is not None else None

@@ -178,22 +178,15 @@ def score_holdout(session, holdout_data, winner, best_uniform, make_scorer) -> l
 
 
 def _measure_holdout(session, data, row, cache, make_scorer) -> dict[str, Any]:
-    from mergekit_expo.search.generation import Sampler
-
     evaluator = session.get()
-    scorer = make_scorer(session.settings, data)
-    sampler = None
-    if scorer.generates:
-        scorer.prepare()
-        sampler = Sampler(evaluator.weights.model, evaluator.tokenizer, data,
-                          session.settings.sampling)
-    else:
-        scorer.prepare(evaluator.weights, evaluator.tokenizer, evaluator.chat,
-                       progress=session.settings.progress)
+    # the run's scorer (its reward model is loaded already); DPO accuracy needs the hold-out pairs
+    scorer = (make_scorer(session.settings, data) if session.settings.scorer.kind == "dpo"
+              else session.scorer)
+    sampler = evaluator.prepare(scorer, data)
     if row.get("groups") is not None:
         values = {g: tuple(v) for g, v in row["groups"].items()}
     else:
-        values = dict.fromkeys(evaluator.weights.groups, (row["alpha"], row["lambda"]))
+        values = dict.fromkeys(set(session.assignment.values()), (row["alpha"], row["lambda"]))
     measured = evaluator.measure(values, scorer=scorer, data=data, sampler=sampler)
     head = {"alpha": row.get("alpha"), "lambda": row.get("lambda")}
     if row.get("groups") is not None:

@@ -25,7 +25,6 @@ class GroupedWeights:
             group = assignment[target.name]
             self.members[group] = self.members.get(group, frozenset()) | {target.name}
         self.held: dict[str, tuple[float, float] | None] = dict.fromkeys(self.members)
-        self.rewritten = 0  # tensors written since construction (for tests and logs)
 
     @property
     def model(self):
@@ -34,6 +33,7 @@ class GroupedWeights:
     @property
     def groups(self) -> list[str]:
         return list(self.members)
+
 
     def uniform(self, alpha: float, lam: float) -> dict[str, tuple[float, float]]:
         return dict.fromkeys(self.members, (float(alpha), float(lam)))
@@ -51,7 +51,6 @@ class GroupedWeights:
             self.held[group] = None  # half-written if the next line raises
             self.weights.apply(alpha, lam, only=names)
             self.held[group] = (alpha, lam)
-            self.rewritten += len(names)
             changed += 1
         return changed
 

@@ -130,7 +130,7 @@ def run_search(settings: SearchSettings) -> SearchReport:
                 search, winner["alpha"], winner["lambda"], out_dir / BEST_ADAPTER_NAME
             )
         if settings.write_best is not None:
-            scorer = session.evaluator = None
+            scorer = guard = session.scorer = session.guard = session.evaluator = None
             gc.collect()
             report.merged = write_best(report.best_config, settings.write_best, settings)
     report.evaluated = session.evaluated
