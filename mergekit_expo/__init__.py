@@ -17,17 +17,17 @@ def register() -> None:
     """Make ``merge_method: expo`` available to mergekit in this process (idempotent).
 
     Needed only where the automatic hook is off (``MERGEKIT_EXPO_DISABLE=1``, ``python -S``) or
-    mergekit was imported before this package was installed. It applies the start-up hook's
-    table (``_startup.AFTER_IMPORT``) to the modules now; importing ``_startup`` also installs
-    its finder unless opted out, so later imports are extended too.
+    mergekit was imported before this package was installed. It installs the patches of the
+    start-up hook's table (``_startup.AFTER_IMPORT``) for the modules now (errors propagate);
+    importing ``_startup`` also installs its finder unless opted out, so later imports are
+    extended too.
     """
     import importlib
 
     from mergekit_expo._startup import AFTER_IMPORT
-    from mergekit_expo.merge import hooks
 
-    for module_name, hook in AFTER_IMPORT.items():
-        hooks.apply(hook, importlib.import_module(module_name))
+    for module_name, patch in AFTER_IMPORT.items():
+        importlib.import_module(patch).install(importlib.import_module(module_name))
 
 
 __all__ = ["METHOD_NAME", "__version__", "register"]

@@ -1,8 +1,10 @@
 """Start-up hook: registers ``expo`` when mergekit is imported, without importing mergekit.
 
 ``mergekit_expo.pth`` imports this module at interpreter start-up. mergekit 0.1.5 has no plugin
-entry points, so a ``sys.meta_path`` finder waits for the mergekit modules we extend and calls
-``mergekit_expo.merge.hooks`` right after each has executed. Nothing heavy is imported here:
+entry points, so a ``sys.meta_path`` finder waits for the mergekit modules we extend and, right
+after each has executed, installs the patch module (``mergekit_expo.patches.*``) that extends
+it; a patch that cannot be installed records the feature it loses instead of breaking mergekit's
+import (``patches.apply.after_import``). Nothing heavy is imported here:
 this runs in every Python process of the environment, so it imports only ``os`` and ``sys``
 (already loaded by then). The finder and the loader wrapper are plain classes, not
 ``importlib.abc`` subclasses: importing ``importlib.abc`` alone costs 15-40 ms (it pulls in
@@ -16,36 +18,36 @@ import sys
 
 OPT_OUT_ENV = "MERGEKIT_EXPO_DISABLE"
 
-# module -> function in mergekit_expo.merge.hooks to run once it has executed
+# module -> the patch module whose install(module) runs once it has executed
 AFTER_IMPORT = {
-    "mergekit.merge_methods": "after_merge_methods",
-    "mergekit_expo.merge.method": "after_method",
-    "mergekit.card": "after_card",
-    "mergekit.tokenizer.embed": "after_embed",
-    "mergekit.io.tasks": "after_io_tasks",
-    "mergekit.merge": "after_merge",
-    "mergekit.merge_methods.task_adapter": "after_task_adapter",
-    "mergekit.architecture": "after_architecture",
-    "mergekit.plan": "after_plan",
-    "mergekit.scripts.multimerge": "after_multimerge",
+    "mergekit.merge_methods": "mergekit_expo.patches.registry",
+    "mergekit_expo.merge.method": "mergekit_expo.patches.registry",
+    "mergekit.card": "mergekit_expo.patches.card",
+    "mergekit.tokenizer.embed": "mergekit_expo.patches.vocabulary",
+    "mergekit.io.tasks": "mergekit_expo.patches.save_tensor",
+    "mergekit.merge": "mergekit_expo.patches.run_merge",
+    "mergekit.merge_methods.task_adapter": "mergekit_expo.patches.task_adapter",
+    "mergekit.architecture": "mergekit_expo.patches.architecture",
+    "mergekit.plan": "mergekit_expo.patches.planner",
+    "mergekit.scripts.multimerge": "mergekit_expo.patches.multimerge",
 }
 
 
 class _HookedLoader:
-    """Delegates to the real loader, then runs our hook on the executed module."""
+    """Delegates to the real loader, then installs our patch for the executed module."""
 
-    def __init__(self, loader, hook: str):
+    def __init__(self, loader, patch: str):
         self._loader = loader
-        self._hook = hook
+        self._patch = patch
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
-        from mergekit_expo.merge import hooks
+        from mergekit_expo.patches.apply import after_import
 
-        hooks.run_hook(self._hook, module, AFTER_IMPORT)
+        after_import(self._patch, module, AFTER_IMPORT)
 
     def __getattr__(self, name: str):
         return getattr(self._loader, name)
@@ -55,8 +57,8 @@ class AfterImportFinder:
     """Finds nothing itself; wraps the loader the other finders return for hooked modules."""
 
     def find_spec(self, fullname, path, target=None):
-        hook = AFTER_IMPORT.get(fullname)
-        if hook is None:
+        patch = AFTER_IMPORT.get(fullname)
+        if patch is None:
             return None
         for finder in sys.meta_path:
             if finder is self or isinstance(finder, AfterImportFinder):
@@ -68,7 +70,7 @@ class AfterImportFinder:
         else:
             return None
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _HookedLoader(spec.loader, hook)
+            spec.loader = _HookedLoader(spec.loader, patch)
         return spec
 
 

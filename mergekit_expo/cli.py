@@ -80,8 +80,13 @@ def lora(adapters, out: Path, alpha: float, lam: float, base, reference_adapter)
 @click.option(
     "--allow-warnings", is_flag=True, help="Exit 0 when there are warnings but no errors."
 )
+@click.option(
+    "--lora-merge-cache", metavar="DIR",
+    help="The merge's --lora-merge-cache, needed for BASE+ADAPTER inputs (merged there once).",
+)
 def check(
-    config: Path, out_path: Path | None, cuda: bool, device: str | None, allow_warnings: bool
+    config: Path, out_path: Path | None, cuda: bool, device: str | None, allow_warnings: bool,
+    lora_merge_cache: str | None,
 ) -> None:
     """Preflight an expo CONFIG in seconds: headers, not weights. Exit 0 only if nothing is wrong.
 
@@ -92,7 +97,8 @@ def check(
     """
     from mergekit_expo.check.preflight import run_check
 
-    report = run_check(config, out_path, device=device or ("cuda" if cuda else "cpu"))
+    report = run_check(config, out_path, device=device or ("cuda" if cuda else "cpu"),
+                       lora_merge_cache=lora_merge_cache)
     for line in report.lines:
         click.echo(f"  {line}")
     for message in report.warnings():
@@ -302,7 +308,7 @@ def search(config: Path, out_dir: Path, **options) -> None:
     if report.merged:
         click.echo(f"  merged model (mergekit): {report.merged.resolve()}")
     else:
-        click.echo(f"  merge it:    mergekit-yaml {report.best_config.resolve()} OUT")
+        click.echo(f"  merge it:    {report.merge_command}")
 
 
 def _extended_options(options: dict) -> dict:

@@ -16,15 +16,20 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mergekit_expo"
 
 # room -> the rooms it may import from (besides itself)
 ALLOWED = {
-    "merge": set(),
-    "search": {"merge", "lora", "package"},  # package: the version stamped into results.jsonl
+    "merge": set(),  # the kernel, on mergekit's public API
+    "reads": set(),  # patches/reads.py and patches/record.py: private reads, compatibility records
+    "plan": {"merge", "reads"},  # the one reading of a config
+    "check": {"merge", "plan", "reads"},
+    "patches": {"merge", "plan", "check", "reads"},  # the wraps of mergekit; they run the checks
+    "search": {"merge", "plan", "check", "lora", "reads", "package"},  # package: the version
     "lora": {"merge"},  # modules_to_save go through merge.formula
     "demo": set(),
-    "package": {"merge", "startup"},  # mergekit_expo/__init__.py: METHOD_NAME and register()
-    "startup": {"merge"},
-    "cli": {"merge", "search", "demo", "check", "lora"},
-    "check": {"merge"},
+    "package": {"merge", "startup", "patches"},  # __init__.py: METHOD_NAME and register()
+    "startup": {"patches"},
+    "cli": {"merge", "plan", "search", "demo", "check", "lora"},
 }
+# modules of patches/ that the plan, the checks and the search may import: they wrap nothing
+READS = {"reads", "record"}
 
 
 def module_name(path: Path) -> str:
@@ -36,6 +41,8 @@ def room(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "package"
+    if parts[1] == "patches" and len(parts) > 2 and parts[2] in READS:
+        return "reads"
     return {"_startup": "startup"}.get(parts[1], parts[1])
 
 

@@ -435,3 +435,41 @@ def test_adapter_candidates_for_iterative_and_reference_adapters(zoo, tmp_path):
     torch.testing.assert_close(weights.state_dict()["model.layers.0.self_attn.q_proj.weight"]
                                .double(), theta0["model.layers.0.self_attn.q_proj.weight"],
                                rtol=1e-6, atol=1e-7)
+
+
+def test_adapter_configs_check_with_the_merge_option_and_print_a_runnable_command(base, tmp_path):
+    """``check`` takes `BASE+ADAPTER` configs with the merge's --lora-merge-cache (and says so
+    without it); the search prints a merge command that runs as printed."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+    from conftest import write_config
+
+    from mergekit_expo.cli import main
+    from mergekit_expo.search.merge_config import load_search_config
+    from mergekit_expo.search.run import merge_command
+
+    adapter = make_adapter(base, tmp_path / "dpo", seed=33)
+    config = write_config(tmp_path / "c.yml", {
+        "merge_method": "expo", "base_model": str(base),
+        "models": [{"model": f"{base}+{adapter}"}], "parameters": {"alpha": 0.5}})
+    refused = CliRunner().invoke(main, ["check", str(config)])
+    assert refused.exit_code == 1 and "give --lora-merge-cache DIR" in refused.output
+    cache = tmp_path / "cache"
+    checked = CliRunner().invoke(main, ["check", str(config), "--lora-merge-cache", str(cache),
+                                        "--allow-warnings"])
+    assert checked.exit_code == 0, checked.output
+    assert f"θ_T = {base}+{adapter}" in checked.output
+
+    command = merge_command(load_search_config(config), config, tmp_path / "search")
+    assert "--lora-merge-cache" in command
+    out = tmp_path / "merged"
+    words = [str(out) if w == "OUT" else w for w in shlex.split(command)]
+    words[0] = os.path.join(os.path.dirname(sys.executable), words[0])
+    done = subprocess.run(words, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "config.json").exists()

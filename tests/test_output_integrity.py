@@ -22,7 +22,7 @@ import torch
 from conftest import run_merge_in_process, write_config
 from reference import agreement, formula64, load
 
-from mergekit_expo.merge.output import IncompleteOutputError, is_model_file, verify
+from mergekit_expo.patches.staging import IncompleteOutputError, is_model_file, verify
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -203,7 +203,7 @@ def test_mergekit_multi_merges_again_a_step_whose_folder_holds_another_config(
 
 
 def test_non_expo_merges_are_left_to_mergekit(zoo, tmp_path, monkeypatch):
-    import mergekit_expo.merge.output as output
+    import mergekit_expo.patches.staging as output
 
     def no_staging(out_path):
         raise AssertionError("a linear merge was staged")
@@ -332,7 +332,7 @@ def is_commit(source, target) -> bool:
 
 def record_renames(monkeypatch, fail_at: int | None = None) -> list[tuple[str, str]]:
     """Watch (and optionally break at call ``fail_at``) the renames of ``output.commit``."""
-    import mergekit_expo.merge.output as output
+    import mergekit_expo.patches.staging as output
 
     calls: list[tuple[str, str]] = []
     failed: list[int] = []
@@ -382,7 +382,7 @@ def test_signal_while_moving_is_delivered_after_the_move(zoo, tmp_path, earlier,
     shutil.copytree(earlier, out)
     config = expo(zoo, 0.2)
     calls = record_renames(monkeypatch)
-    import mergekit_expo.merge.output as output
+    import mergekit_expo.patches.staging as output
 
     watched = output.os.rename
 

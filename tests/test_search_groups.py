@@ -17,7 +17,6 @@ from reference import formula64, load
 
 from mergekit_expo.cli import main
 from mergekit_expo.search.candidates import CandidateWeights
-from mergekit_expo.search.grouped import GroupedWeights
 from mergekit_expo.search.groups import (
     OTHER,
     Group,
@@ -30,6 +29,7 @@ from mergekit_expo.search.groups import (
 from mergekit_expo.search.merge_config import load_search_config
 from mergekit_expo.search.run import run_search
 from mergekit_expo.search.settings import SearchSettings
+from mergekit_expo.search.weights import GroupedWeights
 
 PROMPTS = ["The assistant answers", "A helpful answer is", "Numbers 0 1 2", "User: hi",
            "Preference pairs have", "Merging two models", "The reference text", "Say hi"]
@@ -204,7 +204,7 @@ def test_guard_constraint_trials_resume_and_holdout(fam, tmp_path, files):
 def test_loglik_guard_equals_an_unbatched_computation(fam, tmp_path, files):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_expo.search.guard import parse_guard
+    from mergekit_expo.search.capability import parse_guard
 
     search = load_search_config(write_config(tmp_path / "c.yml", expo(fam, fam["final"])))
     weights = CandidateWeights(search, progress=False)
@@ -231,8 +231,7 @@ def test_loglik_guard_equals_an_unbatched_computation(fam, tmp_path, files):
 def test_response_guards_and_settings_refusals(tmp_path, files):
     from pydantic import ValidationError
 
-    from mergekit_expo.search.extensions import make_guard
-    from mergekit_expo.search.guard import ResponseGuard, pick_guarded_winner
+    from mergekit_expo.search.capability import ResponseGuard, make_guard, pick_guarded_winner
     from mergekit_expo.search.merge_config import SearchConfigError
     from mergekit_expo.search.prompts import read_pairs
     from mergekit_expo.search.scorers import CallableScorer, DpoAccuracyScorer
@@ -259,3 +258,67 @@ def test_response_guards_and_settings_refusals(tmp_path, files):
                           "not both")):
         with pytest.raises(ValidationError, match=message):
             settings(tmp_path / "c.yml", tmp_path, files, **bad)
+
+
+def test_module_presets_write_only_filters_that_match_and_the_merge_takes_them(fam, tmp_path):
+    """``--groups modules``: best.yml used to carry every preset filter (``ln_``,
+    ``attention.``, ``feed_forward.``…), which the merge refuses as matching no tensor."""
+    from mergekit_expo.search.merge_config import values_by_tensor, verify_best
+
+    search = load_search_config(write_config(tmp_path / "c.yml", expo(fam, fam["final"])))
+    names = list(search.working_dtypes())
+    groups = build_groups(["modules"], None, 4)
+    assignment = assign(groups, names)
+    used = sorted(set(assignment.values()))
+    values = {g: [0.25 * (i + 1), 0.0] for i, g in enumerate(used)}
+    best = grouped_config(search, groups, assignment, values, with_lambda=False)
+    written = [e["filter"] for e in best["parameters"]["alpha"] if "filter" in e]
+    assert written and all(any(f in n for n in names) for f in written)
+    assert "ln_" not in written and "feed_forward." not in written
+    verify_best(search, best, values_by_tensor(assignment, {g: tuple(v) for g, v in
+                                                             values.items()}))
+    merged = load(run_merge_in_process(best, tmp_path / "merged"))
+    theta0, final = load(fam["sft"]), load(fam["final"])
+    for name, tensor in merged.items():
+        alpha = values[assignment[name]][0]
+        expected = formula64(theta0[name], final[name], alpha=alpha)
+        assert torch.equal(tensor, expected.to(tensor.dtype)), name
+
+
+def test_a_best_yml_that_would_not_give_the_scored_values_is_refused(fam, tmp_path):
+    from mergekit_expo.search.merge_config import (
+        SearchConfigError,
+        best_config,
+        values_by_tensor,
+        verify_best,
+    )
+
+    search = load_search_config(write_config(tmp_path / "c.yml", expo(fam, fam["final"])))
+    best = best_config(search, 0.5, 0.0)
+    assignment = dict.fromkeys(search.working_dtypes(), "all")
+    verify_best(search, best, values_by_tensor(assignment, {"all": (0.5, 0.0)}))
+    with pytest.raises(SearchConfigError, match="scored with alpha = 0.4"):
+        verify_best(search, best, values_by_tensor(assignment, {"all": (0.4, 0.0)}))
+
+
+def test_write_best_into_a_file_is_refused_before_any_candidate(fam, tmp_path, files):
+    from mergekit_expo.search.merge_config import SearchConfigError
+
+    config = write_config(tmp_path / "c.yml", expo(fam, fam["final"]))
+    blocker = tmp_path / "merged"
+    blocker.write_text("not a folder")
+    settings = SearchSettings.model_validate({
+        "config": config, "out_dir": tmp_path / "search", "alphas": [0.2],
+        "prompts": files["prompts"], "progress": False, "write_best": blocker,
+        "scorer": {"kind": "callable", "function": "nonexistent_module:fn"}})
+    with pytest.raises(SearchConfigError, match="a file is in the way"):
+        run_search(settings)
+    assert not (tmp_path / "search").exists()
+
+
+def test_search_refuses_a_non_finite_alpha_in_the_config(fam, tmp_path):
+    from mergekit_expo.search.merge_config import SearchConfigError
+
+    path = write_config(tmp_path / "c.yml", expo(fam, fam["final"], alpha="inf"))
+    with pytest.raises(SearchConfigError, match="must be finite"):
+        load_search_config(path)

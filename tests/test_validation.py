@@ -21,14 +21,23 @@ from conftest import run_merge_in_process, write_config
 from reference import load
 from test_merge_graph import expo_config
 
-from mergekit_expo.merge.validation import ExpoConfigError
+from mergekit_expo.check.findings import ExpoConfigError
+from mergekit_expo.cli import main
 
 
 def refused(config: dict, out, match: str, **options) -> str:
-    """Run the real merge; it must raise before creating the output folder."""
+    """Run the real merge; it must raise before creating the output folder. ``mergekit-expo
+    check`` of the same config must refuse it too, with every line of the merge's message."""
     with pytest.raises(ExpoConfigError, match=match) as raised:
         run_merge_in_process(config, out, **options)
     assert not out.exists(), "something was written"
+    path = write_config(out.parent / f"{out.name}.check.yml", config)
+    flags = ["--cuda"] if options.get("cuda") else []
+    checked = CliRunner().invoke(main, ["check", str(path), str(out), *flags])
+    assert checked.exit_code == 1, checked.output
+    for line in str(raised.value).splitlines():
+        assert f"ERROR: {line}" in checked.output, (line, checked.output)
+    assert not out.exists(), "check wrote something"
     return str(raised.value)
 
 
@@ -222,7 +231,7 @@ def test_mixed_dtypes_without_dtype_are_a_logged_warning(zoo, tmp_path, caplog):
 
 
 def test_damaged_headers_and_incomplete_index_are_named(zoo, tmp_path):
-    from mergekit_expo.merge.headers import CheckpointError, read_checkpoint
+    from mergekit_expo.plan.headers import CheckpointError, read_checkpoint
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(zoo.dpo, corrupt)

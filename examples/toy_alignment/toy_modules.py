@@ -69,7 +69,7 @@ def read_rows(search_dir: Path, name: str = "results.jsonl") -> list[dict]:
 def evaluate_setting(name: str, config: Path, eval_dir: Path, files: dict, ev, ms, *,
                      alphas: str, lambdas: str | None, known: tuple | None) -> dict:
     """Search (uniform grid + per-group trials, guard, hold-out), merge the winner, score it."""
-    from mergekit_expo.search.guard import annotate, baseline, pick_guarded_winner
+    from mergekit_expo.search.capability import annotate, baseline, pick_guarded_winner
 
     search_dir = eval_dir / name / "modules"
     extra = ["--trials", str(ms.trials), "--trial-seed", str(ms.trial_seed),
@@ -317,7 +317,7 @@ def plot_pareto(modules: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mergekit_expo.search.guard import pareto_front
+    from mergekit_expo.search.capability import pareto_front
 
     entries = modules["entries"]
     figure, axes = plt.subplots(2, 3, figsize=(13, 8), dpi=100)

@@ -1,38 +1,28 @@
 """Everything that can be known about an expo merge before running it, in seconds.
 
-The checks that cost no weight reads are the ones every expo merge runs at its start
-(``mergekit_expo.merge.validation``, hooked into mergekit); this module runs them without
-stopping at the first error, plans the merge with mergekit's own planner (nothing is read or
-written), and adds what only a preflight can afford: a relatedness figure on a few rows of a few
-tensors (the only weight reads), the free disk space against the output size, and the chat
-template and generation config the output will carry compared with the aligned model's.
+``run_check`` runs the checks every expo merge runs at its start (``check.merge_start``: the
+config, the inputs' headers, then mergekit's own plan of the merge), without stopping at the
+first error, and adds what only a preflight can afford: top-level keys mergekit would drop (from
+the raw YAML) and a relatedness figure on a few rows of a few tensors (the only weight reads).
+Whatever it finds is reported as a finding naming the file or key, never a traceback.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mergekit_expo.merge.forecast import disk_findings, output_bytes, template_findings
-from mergekit_expo.merge.headers import TensorHeader
+from mergekit_expo.check.findings import Finding, errors
+from mergekit_expo.check.forecast import disk_findings
+from mergekit_expo.check.merge_start import after_plan, before_read, has_errors
 from mergekit_expo.merge.parameters import DEFAULT_WARN_RELATIVE_CHANGE
-from mergekit_expo.merge.roles import slice_roles
-from mergekit_expo.merge.validation import (
-    Finding,
-    config_findings,
-    device_findings,
-    header_findings,
-    path_findings,
-    plan_findings,
-    planned_tensors,
-    read_inputs,
-    uses_expo,
-)
+from mergekit_expo.plan import config as config_io
+from mergekit_expo.plan.build import plan_config
+from mergekit_expo.plan.headers import TensorHeader
+from mergekit_expo.plan.scopes import model_places
+from mergekit_expo.plan.types import Plan
 
 # Rows read per tensor and tensors per model pair for the relatedness figure: a few KB per
 # model, enough to tell a DPO-sized move (~1e-3..5e-2 of the norm) from an unrelated model (~1.4).
@@ -52,67 +42,64 @@ class Report:
         return [f.message for f in self.findings if f.level == "warning"]
 
 
-def run_check(config_path: Path, out_path: Path | None, *, device: str = "cpu") -> Report:
+def run_check(config_path: Path, out_path: Path | None, *, device: str = "cpu",
+              lora_merge_cache: str | None = None) -> Report:
     """Check an expo config; the report lists what the merge will do and what is wrong."""
     report = Report()
-    config = _load_config(config_path, report)
-    if config is None:
-        return report
-    from mergekit.options import MergeOptions
-
-    options = MergeOptions(device=device)
-    missing = path_findings(config)
-    report.findings += config_findings(config) + missing + device_findings(options)
-    if missing:
-        return report  # mergekit could not even read the models' configs
-    headers, damaged = read_inputs(config)
-    report.findings += damaged + header_findings(config, headers)
-    _roles(config, report)
-    if damaged:
-        return report
-    planned = _plan(config, options, headers, report)
-    _relatedness(config, headers, report)
-    if planned is not None:
-        _disk(config, planned, headers, out_path, report)
-    report.findings += template_findings(config)
+    try:
+        _check(report, Path(config_path), out_path, device, lora_merge_cache)
+    except config_io.ConfigError as error:
+        report.findings.append(Finding("error", str(error)))
+    except Exception as error:  # noqa: BLE001 - a finding, never a traceback
+        report.findings.append(
+            Finding("error", f"{config_path}: cannot check this config "
+                             f"({type(error).__name__}: {error})")
+        )
     return report
 
 
-def _load_config(path: Path, report: Report):
-    from mergekit.config import MergeConfiguration
-    from pydantic import ValidationError
+def _check(report: Report, path: Path, out_path, device: str, cache: str | None) -> None:
+    from mergekit.options import MergeOptions
 
+    raw = config_io.read_raw(path)
+    report.findings += errors(config_io.unknown_top_level_keys(raw, str(path)))
+    config = config_io.validate(raw, str(path))
+    if not config_io.uses_expo(config):
+        report.findings.append(Finding(
+            "error",
+            f"{path} uses merge_method: {config.merge_method}; mergekit-expo check checks expo "
+            "configs",
+        ))
+        return
+    options = MergeOptions(device=device, lora_merge_cache=cache)
+    report.findings += before_read(config, options)
+    if has_errors(report.findings):
+        _roles_if_possible(config, report)
+        return
+    adapters = sorted({str(m) for _, m in model_places(config) if m.lora is not None})
+    if adapters and not cache:
+        report.findings.append(Finding(
+            "error",
+            f"{path}: inputs given as BASE+ADAPTER ({', '.join(adapters)}) are merged into full "
+            "models before the merge reads them: give --lora-merge-cache DIR, as mergekit-yaml "
+            "needs it (check merges each adapter into DIR once; the merge with the same DIR "
+            "reuses it)",
+        ))
+        _roles_if_possible(config, report)
+        return
+    plan = _plan(config, options, out_path, report)
+    _roles(plan or plan_config(config), report)
+    if plan is None:
+        return
+    _relatedness(plan, report)
+    _disk(plan, out_path, report)
+
+
+def _roles_if_possible(config, report: Report) -> None:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        report.findings.append(Finding("error", f"{path} is not valid YAML: {error}"))
-        return None
-    if not isinstance(raw, dict):
-        report.findings.append(Finding("error", f"{path} does not hold a merge config mapping"))
-        return None
-    known = set(MergeConfiguration.model_fields)
-    for key in raw:
-        if key not in known:  # mergekit drops unknown top-level keys without a word
-            match = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
-            hint = f"; did you mean `{match[0]}`?" if match else ""
-            report.findings.append(
-                Finding("error", f"unknown top-level key `{key}` in {path}{hint}")
-            )
-    try:
-        config = MergeConfiguration.model_validate(raw)
-    except (ValidationError, RuntimeError, ValueError) as error:
-        report.findings.append(Finding("error", f"{path}: mergekit refuses this config: {error}"))
-        return None
-    if not uses_expo(config):
-        report.findings.append(
-            Finding(
-                "error",
-                f"{path} uses merge_method: {config.merge_method}; mergekit-expo check checks "
-                "expo configs",
-            )
-        )
-        return None
-    return config
+        _roles(plan_config(config), report)
+    except ValueError:
+        pass  # the findings say why
 
 
 def _show(value: Any) -> str:
@@ -123,48 +110,49 @@ def _show(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _roles(config, report: Report) -> None:
-    for roles in slice_roles(config):
+def _roles(plan: Plan, report: Report) -> None:
+    for piece in plan.slices:
         report.lines.append(
-            f"{roles['where']}: θ₀ = {roles['reference']}; θ_T = {roles['final']}; "
-            f"intermediates = {roles['intermediates'] or 'none'}; "
-            f"alpha = {_show(roles['alpha'])}; lambda = {_show(roles['lambda'])}"
+            f"{piece.where}: θ₀ = {piece.reference}; θ_T = {piece.final}; "
+            f"intermediates = {[str(m) for m in piece.intermediates] or 'none'}; "
+            f"alpha = {_show(piece.alpha)}; lambda = {_show(piece.lam)}"
         )
+    if plan.dtype or plan.out_dtype:
+        computed = plan.dtype or "each tensor's inputs' common dtype"
+        report.lines.append(f"dtype: {computed}; out_dtype: {plan.out_dtype or 'as computed'}")
 
 
-def _plan(config, options, headers, report: Report):
-    """mergekit's own plan of the merge (reads configs and headers, no tensor)."""
-    from mergekit import architecture
-    from mergekit import merge as mergekit_merge
-    from mergekit.io.tasks import LoaderCache
-    from mergekit.plan import MergePlanner
+def _plan(config, options, out_path, report: Report) -> Plan | None:
+    """mergekit's own plan of the merge (reads configs and headers, no tensor), checked as the
+    merge checks it at its start."""
+    from mergekit_expo.plan.planner import planned_tasks
 
-    work = config.model_copy(deep=True)
-    get_info = getattr(architecture.get_architecture_info, "__wrapped__",
-                       architecture.get_architecture_info)  # ours would stop at an error
     try:
-        arch_info = get_info(work, options)
-        LoaderCache().setup(options=options)
-        out_config = mergekit_merge._model_out_config(
-            work, arch_info, trust_remote_code=options.trust_remote_code
-        )
-        planner = MergePlanner(work, arch_info, options=options, out_model_config=out_config)
-        plan_to_disk = getattr(MergePlanner.plan_to_disk, "__wrapped__", MergePlanner.plan_to_disk)
-        # builds the task graph only; its writer task would create the folder when executed
-        planned = planned_tensors(plan_to_disk(planner, out_path="(not written)"))
+        tasks = planned_tasks(config, options)
     except Exception as error:  # noqa: BLE001 - report what mergekit would fail on
         report.findings.append(
             Finding("error", f"mergekit cannot plan this merge: {type(error).__name__}: {error}")
         )
         return None
-    names = {
-        model: (headers[model].keys() if model in headers
-                else LoaderCache().get(model).index.tensor_paths.keys())
-        for model in config.referenced_models()
-    }
-    report.findings += plan_findings(config, planned, names)
-    report.lines.append(f"output: {len(planned)} tensors planned")
-    return planned
+    plan, findings = after_plan(config, tasks, out_path)
+    report.findings += findings
+    if plan is not None:
+        report.lines.append(f"output: {len(plan.tensors)} tensors planned")
+        _tensor_summary(plan, report)
+    return plan
+
+
+def _tensor_summary(plan: Plan, report: Report) -> None:
+    """The α, λ and dtypes mergekit resolved per tensor, grouped by value."""
+    groups: dict[tuple, int] = {}
+    for tensor in plan.tensors:
+        key = (tensor.alpha, tensor.lam, tensor.working_dtype, tensor.output_dtype)
+        groups[key] = groups.get(key, 0) + 1
+    for (alpha, lam, working, written), count in sorted(groups.items(), key=str):
+        report.lines.append(
+            f"{count} tensors: alpha = {alpha:g}, lambda = {lam:g}, computed in "
+            f"{working or 'copied'}, written as {written}"
+        )
 
 
 def _sample_rows(header: TensorHeader, rows: list[int]):
@@ -176,20 +164,18 @@ def _sample_rows(header: TensorHeader, rows: list[int]):
         return torch.cat([piece[r : r + 1] for r in rows]).double()
 
 
-def _relatedness(config, headers, report: Report) -> None:
-    """‖θ_T − θ₀‖ / ‖θ₀‖ on a few rows of a few weight matrices, per model against θ₀."""
+def _relatedness(plan: Plan, report: Report) -> None:
+    """‖θ − θ₀‖ / ‖θ₀‖ on a few rows of a few weight matrices, per model against θ₀."""
     import torch
 
-    threshold = (config.parameters or {}).get("warn_relative_change")
-    if not isinstance(threshold, (int, float)):
-        threshold = DEFAULT_WARN_RELATIVE_CHANGE
-    by_path = {str(model): model for model in headers}
-    done = set()
-    for roles in slice_roles(config):
-        reference = by_path.get(roles["reference"])
-        for other in (roles["final"], *roles["intermediates"]):
-            model = by_path.get(other)
-            if reference is None or model is None or (reference, model) in done:
+    headers, done = plan.headers, set()
+    for piece in plan.slices:
+        threshold = piece.warn_relative_change
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+            threshold = DEFAULT_WARN_RELATIVE_CHANGE  # a filter list: the default's figure
+        reference = piece.reference
+        for model in (piece.final, *piece.intermediates):
+            if reference not in headers or model not in headers or (reference, model) in done:
                 continue
             done.add((reference, model))
             ref, mine = headers[reference], headers[model]
@@ -224,13 +210,12 @@ def _relatedness(config, headers, report: Report) -> None:
                 )
 
 
-def _disk(config, planned, headers, out_path: Path | None, report: Report) -> None:
-    total, unknown = output_bytes(config, planned, headers)
+def _disk(plan: Plan, out_path: Path | None, report: Report) -> None:
+    total, unknown = plan.output_bytes()
     partial = f" (without {unknown} planned tensors not in local headers)" if unknown else ""
     report.lines.append(f"estimated output size: {total / 1e9:.3g} GB{partial}")
     if out_path is None:
         report.lines.append("free disk space: not checked (give OUT_PATH)")
         return
-    free, findings = disk_findings(total, out_path)
+    free, _ = disk_findings(total, out_path)  # the finding itself comes from after_plan
     report.lines.append(f"free disk space at {free[0]}: {free[1] / 1e9:.3g} GB")
-    report.findings += findings

@@ -7,8 +7,9 @@
 - Vocabulary rows θ₀ lacks keep θ_T's own row. With ``tokenizer: {source: union}``, mergekit
   invents θ₀'s row for a token θ₀ does not have (a copy of the one model that has it, or the
   mean of several); extrapolating θ_T against an invented row is meaningless. mergekit does not
-  tell a merge method which rows were invented, so ``hooks`` wraps its ``PermutedVocabulary``
-  task to record them here, keyed by that task, and its merge task to pass them to the kernel.
+  tell a merge method which rows were invented, so ``patches.vocabulary`` wraps its
+  ``PermutedVocabulary`` task to record them here, keyed by that task, and
+  ``patches.task_adapter`` wraps its merge task to pass them to the kernel.
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ def warn_if_unrelated(roles: Roles, threshold: float) -> None:
 # mergekit's vocabulary task (PermutedVocabulary) -> the output-vocabulary ids whose reference
 # row it invented. Keyed by the task, not by the tensor: mergekit copies tensors to the math
 # device (--cuda, --device) between the tasks, so a tensor's identity does not survive. The
-# merge task of the same tensor names this task as its input; ``hooks`` looks the rows up there
-# and hands them to the kernel through ``_current`` for the duration of that one call.
+# merge task of the same tensor names this task as its input; ``patches.task_adapter`` looks
+# the rows up there and hands them to the kernel through ``_current`` for the duration of that
+# one call.
 # Process-wide because it is the only channel from the tokenizer task, which invents the rows, to
 # the kernel, which runs later as another task; emptied at the start of every expo merge.
 _lacking: dict[Hashable, torch.Tensor] = {}

@@ -28,9 +28,14 @@ from mergekit_expo.merge import METHOD_NAME
 from mergekit_expo.merge.formula import extrapolate_checked
 from mergekit_expo.merge.guards import check_finite, keep_rows_reference_lacks, warn_if_unrelated
 from mergekit_expo.merge.parameters import (
+    ALPHA,
     DEFAULT_ALPHA,
     DEFAULT_LAMBDA,
     DEFAULT_WARN_RELATIVE_CHANGE,
+    FINAL,
+    LAMBDA,
+    WARN_RELATIVE_CHANGE,
+    FinalFlag,
     number,
 )
 from mergekit_expo.merge.roles import announce, require_reference, tensor_roles
@@ -42,14 +47,14 @@ def expo_merge(group: TensorGroup, **parameters) -> torch.Tensor:
     ``parameters`` holds alpha, lambda (a Python keyword, hence no named argument), the
     per-model ``final`` flags and ``warn_relative_change``, resolved for this tensor.
     """
-    alpha: float = parameters["alpha"]
-    lam: float = parameters["lambda"]
-    final: PerInputValues[bool] = parameters["final"]
+    alpha: float = parameters[ALPHA]
+    lam: float = parameters[LAMBDA]
+    final: PerInputValues[bool] = parameters[FINAL]
     roles = tensor_roles(group, final, lam)
     announce(roles, alpha=alpha, lam=lam)
     if not roles.final.tensor.is_floating_point():
         return roles.final.tensor
-    warn_if_unrelated(roles, parameters["warn_relative_change"])
+    warn_if_unrelated(roles, parameters[WARN_RELATIVE_CHANGE])
     result, finite = extrapolate_checked(
         roles.reference.tensor,
         roles.final.tensor,
@@ -78,12 +83,12 @@ expo_method = ExpoMergeMethod(
         reference_url="https://arxiv.org/abs/2404.16792",
         contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
         parameters=(
-            ParameterSpec("alpha", number("alpha"), ParameterScope.SHARED, DEFAULT_ALPHA),
-            ParameterSpec("lambda", number("lambda"), ParameterScope.SHARED, DEFAULT_LAMBDA),
-            ParameterSpec("final", bool, ParameterScope.NON_BASE, False),
+            ParameterSpec(ALPHA, number(ALPHA), ParameterScope.SHARED, DEFAULT_ALPHA),
+            ParameterSpec(LAMBDA, number(LAMBDA), ParameterScope.SHARED, DEFAULT_LAMBDA),
+            ParameterSpec(FINAL, FinalFlag, ParameterScope.NON_BASE, False),
             ParameterSpec(
-                "warn_relative_change",
-                number("warn_relative_change"),
+                WARN_RELATIVE_CHANGE,
+                number(WARN_RELATIVE_CHANGE),
                 ParameterScope.SHARED,
                 DEFAULT_WARN_RELATIVE_CHANGE,
             ),

@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, Strict
+
+# The parameter names of ``expo``, in one place: the method's spec, the config checks and the
+# search all read them from here.
+ALPHA, LAMBDA, FINAL, WARN_RELATIVE_CHANGE = "alpha", "lambda", "final", "warn_relative_change"
+SHARED = (ALPHA, LAMBDA, WARN_RELATIVE_CHANGE)  # one value per tensor, for all models
+PER_MODEL = (FINAL,)  # one value per model
 
 DEFAULT_ALPHA = 0.3
 DEFAULT_LAMBDA = 0.0
@@ -34,6 +40,16 @@ def _finite_number(name: str):
     return check
 
 
+def to_number(name: str, value: Any) -> float:
+    """``value`` as the kernel reads parameter ``name``; ValueError naming it otherwise."""
+    return _finite_number(name)(value)
+
+
 def number(name: str) -> Any:
     """A float type that accepts ints and numeric strings (YAML's ``1e-1``) and names itself."""
     return Annotated[float, BeforeValidator(_finite_number(name))]
+
+
+# ``final`` is a YAML boolean: pydantic's lax bool would read ``'yes'``, ``1`` or ``'true'`` as
+# true, and every other reader of the config would have to guess the same way.
+FinalFlag = Annotated[bool, Strict()]

@@ -1,8 +1,9 @@
 """Who is who in an ``expo`` merge: θ₀ (reference), θ_T (final) and the intermediates.
 
-The rule, in one place for the kernel (per tensor), the model card and the search (per config
-slice): ``base_model`` is θ₀; the model with ``final: true`` is θ_T, else the last model listed;
-every other listed model is an intermediate, averaged into θ̄.
+The rule, in one place for the kernel (per tensor) and the plan (``mergekit_expo.plan``, which
+the model card, ``check`` and the search read): ``base_model`` is θ₀; the model with
+``final: true`` is θ_T, else the last model listed; every other listed model is an
+intermediate, averaged into θ̄.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-from mergekit_expo.merge.parameters import DEFAULT_ALPHA, DEFAULT_LAMBDA
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # importing mergekit here would start its import (and our hook) too early
     from mergekit.merge_methods.base import PerInputValues, TensorEntry, TensorGroup
@@ -111,62 +110,3 @@ def announce(roles: Roles, *, alpha: float, lam: float) -> None:
     if values not in _announced:
         _announced.add(values)
         LOG.info("expo: alpha = %g, lambda = %g (first used for %s)", alpha, lam, roles.tensor_name)
-
-
-def slice_roles(config: Any) -> list[dict[str, Any]]:
-    """Role assignment per output slice, for ``models:``, ``slices:`` or ``modules:`` configs.
-
-    Works before and after mergekit's planner has normalised ``models:`` into slices.
-    """
-    found = []
-
-    def add(label: str, sources: list[tuple[Any, dict | None]], base: Any, params: dict) -> None:
-        non_base = [(model, p) for model, p in sources if model != base]
-        if base is None or not non_base:
-            return
-        marked = [m for m, p in non_base if (p or {}).get("final") is True]
-        final = pick_final([m for m, _ in non_base], marked)
-        found.append(
-            {
-                "where": label,
-                "reference": str(base),
-                "final": str(final),
-                "intermediates": [str(m) for m, _ in non_base if m != final],
-                "alpha": params.get("alpha", DEFAULT_ALPHA),
-                "lambda": params.get("lambda", DEFAULT_LAMBDA),
-            }
-        )
-
-    shared = config.parameters or {}
-    if config.models:
-        add(
-            "all layers",
-            [(m.model, m.parameters) for m in config.models],
-            config.base_model,
-            shared,
-        )
-    for index, piece in enumerate(config.slices or []):
-        _add_slice(add, f"slice {index}", piece, config.base_model, shared)
-    for module_name, module in (config.modules or {}).items():
-        params = {**shared, **(module.parameters or {})}
-        if module.models:
-            add(
-                module_name,
-                [(m.model, m.parameters) for m in module.models],
-                config.base_model,
-                params,
-            )
-        for index, piece in enumerate(module.slices or []):
-            _add_slice(add, f"{module_name} slice {index}", piece, config.base_model, params)
-    return found
-
-
-def _add_slice(add, label: str, piece: Any, base: Any, params: dict) -> None:
-    sources = [(s.model, s.parameters) for s in piece.sources]
-    layers = {tuple(s.layer_range) for s in piece.sources}
-    label = (
-        f"{label}, layers {sorted(layers)}"
-        if len(layers) > 1
-        else f"{label}, layers {layers.pop()}"
-    )
-    add(label, sources, piece.base_model or base, {**params, **(piece.parameters or {})})

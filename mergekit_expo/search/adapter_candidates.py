@@ -17,6 +17,7 @@ import torch
 
 from mergekit_expo.lora.adapter import AdapterError, read_adapter
 from mergekit_expo.merge.formula import extrapolate
+from mergekit_expo.search.generation import progress_bars_as_asked
 from mergekit_expo.search.merge_config import SearchConfig, SearchConfigError
 
 LOG = logging.getLogger("mergekit_expo")
@@ -25,15 +26,13 @@ LOG = logging.getLogger("mergekit_expo")
 class AdapterWeights:
     """BASE plus every adapter of the config, held once; :meth:`apply` sets the scalings."""
 
+    @progress_bars_as_asked  # progress=False: transformers' bars off while loading, then as before
     def __init__(self, search: SearchConfig, *, device: str = "cpu",
                  need_intermediates: bool = False, progress: bool = True):
         from mergekit.common import dtype_from_name
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
-        from transformers.utils.logging import disable_progress_bar
 
-        if not progress:
-            disable_progress_bar()
         self.search = search
         roles = [("final", search.final)]
         if need_intermediates:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mergekit_expo.merge.formula import extrapolate, extrapolate_checked
 from mergekit_expo.merge.guards import NonFiniteError, overflow_message, relative_change
-from mergekit_expo.merge.headers import read_checkpoint
+from mergekit_expo.search.generation import progress_bars_as_asked
 from mergekit_expo.search.merge_config import SearchConfig, SearchConfigError
 
 LOG = logging.getLogger("mergekit_expo")
@@ -60,6 +60,7 @@ class _Target:
 class CandidateWeights:
     """Inputs held once; :meth:`apply` turns the model into one candidate, in place."""
 
+    @progress_bars_as_asked  # progress=False: transformers' bars off while loading, then as before
     def __init__(
         self,
         search: SearchConfig,
@@ -76,10 +77,6 @@ class CandidateWeights:
         self.resident = False  # inputs copied onto the model's device (else mapped on the host)
 
         self.search = search
-        if not progress:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
         self.input_dtype = dtype_from_name(search.input_dtype)
         self.out_dtype = dtype_from_name(search.out_dtype)
         loaders = {"final": search.final.lazy_loader(lazy_unpickle=False)}
@@ -113,27 +110,18 @@ class CandidateWeights:
         return tensor.to(self.input_dtype)
 
     def _merge_dtypes(self, final_tensors: dict[str, torch.Tensor]) -> dict[str, torch.dtype]:
-        """Per tensor, the dtype the merge computes and rounds to before ``out_dtype``.
-
-        ``dtype:`` if set; otherwise mergekit promotes every input of the tensor (θ₀, θ_T and
-        each intermediate listed, used or not) to their common dtype (``torch.promote_types``),
-        e.g. bfloat16 θ₀ with float32 θ_T merges in float32. Read from the headers.
-        """
-        dtypes = {name: tensor.dtype for name, tensor in final_tensors.items()}
-        if self.input_dtype is not None:  # the tensors are still as read (mapped): cast later
-            return {
-                name: self.input_dtype if dtype.is_floating_point else dtype
-                for name, dtype in dtypes.items()
-            }
-        search = self.search
-        for model in (search.reference, *search.intermediates):
-            headers = read_checkpoint(model.local_path()) or {}
-            for name, dtype in dtypes.items():
-                header = headers.get(name)
-                if header is not None and dtype.is_floating_point:
-                    other = getattr(torch, header.dtype)
-                    if other.is_floating_point:
-                        dtypes[name] = torch.promote_types(dtype, other)
+        """Per tensor, the dtype the merge computes and rounds to before ``out_dtype``: the
+        plan's (``dtype:``, else mergekit's promotion of every input of the tensor)."""
+        planned = self.search.working_dtypes()
+        dtypes = {}
+        for name, tensor in final_tensors.items():
+            working = planned.get(name)
+            if working is not None and tensor.dtype.is_floating_point:
+                dtypes[name] = getattr(torch, working)
+            elif self.input_dtype is not None and tensor.dtype.is_floating_point:
+                dtypes[name] = self.input_dtype
+            else:
+                dtypes[name] = tensor.dtype
         return dtypes
 
     def _bind(self, final_tensors: dict[str, torch.Tensor]) -> list[_Target]:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mergekit_expo.search.grouped import GroupedWeights, UniformWeights
+from mergekit_expo.search.weights import GroupedWeights, UniformWeights
 
 
 class Evaluator:
@@ -53,7 +53,7 @@ class Evaluator:
         from mergekit_expo.search.generation import Sampler
 
         if scorer.generates:
-            scorer.prepare()
+            scorer.prepare(progress=self.settings.progress)
             return Sampler(self.weights.model, self.tokenizer, data, self.settings.sampling)
         scorer.prepare(self.weights, self.tokenizer, self.chat, progress=self.settings.progress)
         return None
@@ -95,7 +95,7 @@ class Evaluator:
             row.update(summary(scores), mean_length_tokens=None, scores=scores.values)
         row.update(scores.extras)
         if self.guard is not None and data is self.data:
-            from mergekit_expo.search.guard import guard_summary
+            from mergekit_expo.search.capability import guard_summary
 
             prompts = data if texts is not None else None
             guarded = self.guard.score(self.weights.model, prompts, texts, progress=progress)

@@ -1,14 +1,25 @@
 """Sampling answers to held-out prompts with transformers, the same way for every candidate.
 
 The defaults (``settings.SamplingSettings``) are the papers' decoding settings (temperature 0.7,
-top-p 0.9, top-k 40). The RNG is re-seeded before each candidate, so every candidate sees the
-same random numbers: differences between candidates then come from the weights, not from
-sampling noise (common random numbers).
+top-p 0.9, top-k 40). Each candidate samples from generators seeded afresh with the same seed, so
+every candidate sees the same random numbers: differences between candidates then come from the
+weights, not from sampling noise (common random numbers).
+
+Nothing here changes the process for good: transformers' ``generate`` draws from torch's global
+RNG (it takes no generator), so the sampler lends its own seeded generators to it for the
+duration of one candidate and puts the caller's RNG state back afterwards
+(:class:`SeededGenerators`); transformers' progress bars are turned off only for the duration of
+a load (:func:`progress_bars`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,12 +39,13 @@ class Response:
 
 def load_tokenizer(search, *, side: Literal["left", "right"] = "left"):
     """θ_T's tokenizer, with the config's ``chat_template:`` applied as mergekit applies it."""
-    from mergekit.merge import _set_chat_template  # mergekit <0.2; same template as the merge
     from transformers import AutoTokenizer
+
+    from mergekit_expo.patches.reads import set_chat_template  # the merge's own template
 
     tokenizer = AutoTokenizer.from_pretrained(search.final.local_path(ignore_lora=True))
     try:
-        _set_chat_template(tokenizer, search.merge_config)
+        set_chat_template(tokenizer, search.merge_config)
     except Exception as error:  # noqa: BLE001 - a template problem must not stop the search
         LOG.warning("expo search: could not apply chat_template from the config: %s", error)
     if tokenizer.pad_token_id is None:
@@ -62,6 +74,60 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
+class SeededGenerators:
+    """The sampler's own random numbers: a CPU generator and, for a model on an accelerator, one
+    on its device, re-seeded with the same seed for each candidate.
+
+    ``generate`` in transformers samples with ``torch.multinomial`` on the global RNG and accepts
+    no generator, so :meth:`lent` swaps these generators' states in for the global ones of the
+    CPU and the device while one candidate samples, and restores the caller's states on leaving
+    (also on an error). The numbers drawn are those that ``torch.manual_seed(seed)`` before each
+    candidate gave, without leaving the global RNG seeded.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str):
+        self.seed = seed
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.cpu = torch.Generator()
+        on_device = self.device.type not in ("cpu", "meta")
+        self.accelerator = torch.Generator(device=self.device) if on_device else None
+
+    def _device_rng(self):
+        """(get, set) of the global RNG state of the model's device (torch.cuda, .xpu, .mps)."""
+        module = getattr(torch, self.device.type)
+        if self.device.type == "mps":  # a single device; older torch takes no device argument
+            return module.get_rng_state, module.set_rng_state
+        return (
+            lambda: module.get_rng_state(self.device),
+            lambda state: module.set_rng_state(state, self.device),
+        )
+
+    @contextlib.contextmanager
+    def lent(self) -> Iterator[None]:
+        """Inside, the global RNG of the CPU (and of the device) continues from freshly seeded
+        generators; on leaving, the caller's states are back and the generators hold where
+        this candidate's numbers ended."""
+        self.cpu.manual_seed(self.seed)
+        saved_cpu = torch.get_rng_state()
+        if self.accelerator is not None:
+            self.accelerator.manual_seed(self.seed)
+            get_state, set_state = self._device_rng()
+            saved_device = get_state()
+        try:
+            torch.set_rng_state(self.cpu.get_state())
+            if self.accelerator is not None:
+                set_state(self.accelerator.get_state())
+            yield
+        finally:
+            self.cpu.set_state(torch.get_rng_state())
+            torch.set_rng_state(saved_cpu)
+            if self.accelerator is not None:
+                self.accelerator.set_state(get_state())
+                set_state(saved_device)
+
+
 class Sampler:
     """Generates one response per prompt; prompts are tokenized once, batched by length."""
 
@@ -75,21 +141,21 @@ class Sampler:
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.generators = SeededGenerators(settings.seed, model.device)
 
     @torch.no_grad()
     def generate(self, *, progress: bool = True, desc: str = "Generating") -> list[Response]:
+        """One candidate's responses, from generators seeded afresh (same seed, same numbers)."""
         settings = self.settings
-        torch.manual_seed(settings.seed)
-        if torch.cuda.is_available():
-            torch.cuda.manual_seed_all(settings.seed)
         results: list[Response | None] = [None] * len(self.prompt_ids)
         batches = [
             self.order[i : i + settings.batch_size]
             for i in range(0, len(self.order), settings.batch_size)
         ]
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            for index, response in zip(batch, self._generate_batch(batch), strict=True):
-                results[index] = response
+        with self.generators.lent():
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                for index, response in zip(batch, self._generate_batch(batch), strict=True):
+                    results[index] = response
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, batch: list[int]) -> list[Response]:
@@ -127,6 +193,60 @@ class Sampler:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             responses.append(Response(text=text, tokens=len(tokens)))
         return responses
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' (and huggingface_hub's) progress bars off inside unless ``enabled``; on
+    leaving, each is as it was before (on stays on, off stays off, per-group hub states too)."""
+    if enabled:  # the caller's choice stands, whatever it is
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    state = bar_state()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        restore_bars(state)
+
+
+def bar_state() -> tuple[bool, dict]:
+    """(transformers' bars on?, huggingface_hub's per-group bar states)."""
+    from transformers.utils import logging as hf_logging
+
+    hub = importlib.import_module("huggingface_hub.utils.tqdm")  # the module, not the class
+    return hf_logging.is_progress_bar_enabled(), dict(hub.progress_bar_states)
+
+
+def restore_bars(state: tuple[bool, dict]) -> None:
+    """Put back a :func:`bar_state`."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled, hub_states = state
+    if was_enabled != hf_logging.is_progress_bar_enabled():
+        with warnings.catch_warnings():  # an HF_HUB_DISABLE_PROGRESS_BARS the user set wins
+            warnings.simplefilter("ignore")
+            if was_enabled:
+                hf_logging.enable_progress_bar()
+            else:
+                hf_logging.disable_progress_bar()
+    hub = importlib.import_module("huggingface_hub.utils.tqdm")
+    hub.progress_bar_states.clear()
+    hub.progress_bar_states.update(hub_states)
+
+
+def progress_bars_as_asked(init):
+    """Decorates an ``__init__(..., progress=...)`` that loads models: with ``progress=False``,
+    transformers' bars are off while it runs and as they were once it returns (or raises)."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, progress: bool = True, **kwargs):
+        with progress_bars(progress):
+            return init(self, *args, progress=progress, **kwargs)
+
+    return wrapper
 
 
 def _warn_if_tokenizers_differ(search, tokenizer) -> None:

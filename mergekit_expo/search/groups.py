@@ -12,12 +12,15 @@ for every tensor, where a layer gradient would interpolate (and round) α betwee
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mergekit_expo.search.merge_config import SearchConfig, SearchConfigError, best_config
+
+LOG = logging.getLogger("mergekit_expo")
 
 OTHER = "other"
 # ``model.layers.12.`` / ``transformer.h.3.`` / ``blocks.0.``: the layer prefix of a tensor name
@@ -135,7 +138,12 @@ def render(
     """
     used = [g for g in groups if g.name in set(assignment.values())]
     if all(g.layers is None for g in used):
-        entries = [{"filter": f, "value": values[g.name]} for g in used for f in g.filters]
+        # only filters that match a tensor of their group: mergekit's merge refuses a filter
+        # that matches no tensor (check.tensors), and one that matches none decides nothing
+        entries = [
+            {"filter": f, "value": values[g.name]} for g in used for f in g.filters
+            if any(f == "*" or f in t for t, name in assignment.items() if name == g.name)
+        ]
     else:
         entries = []
         for group in used:
@@ -193,4 +201,44 @@ def grouped_config(
     if with_lambda:
         lambdas = {name: float(v[1]) for name, v in values.items()}
         config["parameters"]["lambda"] = render(groups, assignment, lambdas)
+    return config
+
+
+def groups_of(settings, search: SearchConfig) -> tuple[list[Group], dict[str, str]]:
+    """The run's groups and every checkpoint tensor's group (one group ``all`` if none)."""
+    if search.uses_adapters:  # one scale per adapter: no tensors to group
+        if settings.groups or settings.layer_bands or settings.trials:
+            raise SearchConfigError(
+                f"{search.path}: per-group α (--groups, --layer-bands, --trials) needs full "
+                "checkpoints; an adapter search sets one α for the whole adapter. Merge the "
+                "adapters into checkpoints (model: BASE+ADAPTER with mergekit) to search groups"
+            )
+        return [], {"*": "all"}
+    loader = search.final.lazy_loader(lazy_unpickle=False)
+    names = list(loader.index.tensor_paths)
+    if not settings.groups and not settings.layer_bands:
+        return [], dict.fromkeys(names, "all")
+    layers = getattr(search.final.config(), "num_hidden_layers", None) or 0
+    groups = build_groups(settings.groups, settings.layer_bands, layers)
+    assignment = assign(groups, names)
+    used = set(assignment.values())
+    LOG.info("expo search: groups %s", {g: sum(v == g for v in assignment.values())
+                                         for g in [*(g.name for g in groups), OTHER] if g in used})
+    if settings.trials and len(used) < 2:
+        raise SearchConfigError(
+            f"the groups {[g.name for g in groups]} put every tensor of {search.final} into one "
+            "group; per-group trials need at least two (check the filters against the tensor "
+            f"names, e.g. {names[:3]})"
+        )
+    return groups, assignment
+
+
+def winner_config(search, winner, groups, assignment) -> dict[str, Any]:
+    if winner.get("groups") is None:
+        return best_config(search, winner["alpha"], winner["lambda"])
+    values = winner["groups"]
+    lambdas = {v[1] for v in values.values()}
+    config = grouped_config(search, groups, assignment, values, with_lambda=len(lambdas) > 1)
+    if len(lambdas) == 1 and (lambdas != {0.0} or "lambda" in config["parameters"]):
+        config["parameters"]["lambda"] = lambdas.pop()
     return config

@@ -1,30 +1,39 @@
-"""The merge config as the α/λ search sees it: roles, dtypes, and the winner's config.
+"""The merge config as the α/λ search sees it: the merge's own plan, and the winner's config.
 
-The search reads the same YAML as ``mergekit-yaml`` and must treat it exactly as the merge does
-(roles from :func:`mergekit_expo.merge.roles.slice_roles`, ``dtype``/``out_dtype`` casts), so
-that the winner written back with ``--write-best`` is the model that was scored. What the search
-cannot reproduce it refuses up front, before any weight is read.
+The search reads a config through the same plan as ``mergekit-yaml`` and ``mergekit-expo check``
+(``mergekit_expo.plan``): the roles, the settings and, for full checkpoints, every tensor with
+the dtype mergekit computes it in. A config the merge would refuse is refused here with the
+merge's own message, before any weight is read; the winner's ``best.yml`` is planned again and
+checked tensor by tensor against the values that were scored.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mergekit_expo.merge import METHOD_NAME
+from mergekit_expo.check.findings import Finding
+from mergekit_expo.check.merge_start import after_plan, before_read
+from mergekit_expo.merge.parameters import (
+    ALPHA,
+    DEFAULT_WARN_RELATIVE_CHANGE,
+    LAMBDA,
+    PER_MODEL,
+    SHARED,
+    WARN_RELATIVE_CHANGE,
+    to_number,
+)
+from mergekit_expo.plan import config as config_io
+from mergekit_expo.plan.build import plan_config
+from mergekit_expo.plan.types import Plan, SlicePlan
 
 LOG = logging.getLogger("mergekit_expo")
 
-GRID_PARAMETERS = ("alpha", "lambda")
-# Parameters the search understands besides the grid; anything else is passed through untouched.
-KNOWN_SHARED = {"warn_relative_change"}
-KNOWN_PER_MODEL = {"final"}
+GRID_PARAMETERS = (ALPHA, LAMBDA)
 
 
 class SearchConfigError(ValueError):
@@ -33,107 +42,140 @@ class SearchConfigError(ValueError):
 
 @dataclass
 class SearchConfig:
-    """Everything the search needs from the YAML, validated once."""
+    """Everything the search needs from the YAML: the raw mapping (for ``best.yml``) and the
+    plan every surface reads."""
 
     path: Path
     raw: dict[str, Any]  # the user's YAML as written, for --write-best
-    merge_config: Any  # mergekit.config.MergeConfiguration
-    reference: Any  # ModelReference θ₀
-    final: Any  # ModelReference θ_T
-    intermediates: list[Any]  # ModelReference, averaged into θ̄
+    plan: Plan
     config_alpha: float | None  # the config's scalar alpha/lambda, if scalar
     config_lambda: float | None
     warn_relative_change: float
     notes: list[str] = field(default_factory=list)  # what the search ignores, for the log
 
     @property
+    def merge_config(self) -> Any:
+        return self.plan.config
+
+    @property
+    def roles(self) -> SlicePlan:
+        return self.plan.slices[0]
+
+    @property
+    def reference(self) -> Any:
+        return self.roles.reference
+
+    @property
+    def final(self) -> Any:
+        return self.roles.final
+
+    @property
+    def intermediates(self) -> list[Any]:
+        return list(self.roles.intermediates)
+
+    @property
     def input_dtype(self) -> str | None:
         """mergekit casts every input to ``dtype:`` before merging."""
-        return self.merge_config.dtype
+        return self.plan.dtype
+
+    @property
+    def out_dtype(self) -> str | None:
+        """mergekit casts every result to ``out_dtype:`` before writing."""
+        return self.plan.out_dtype
 
     @property
     def uses_adapters(self) -> bool:
         """Models given as BASE+ADAPTER: candidates change LoRA scalings (adapter_candidates)."""
         return self.final.lora is not None
 
-    @property
-    def out_dtype(self) -> str | None:
-        """mergekit casts every result to ``out_dtype:`` before writing."""
-        return self.merge_config.out_dtype
+    def working_dtypes(self) -> dict[str, str | None]:
+        """θ_T's tensor name -> the dtype the merge computes it in (None: copied)."""
+        return {t.inputs[t.final]: t.working_dtype
+                for t in self.plan.tensors if t.final in t.inputs}
 
 
-def load_search_config(path: str | Path) -> SearchConfig:
-    """Parse and check a merge YAML for the search; raise :class:`SearchConfigError` if unusable."""
-    from mergekit.config import MergeConfiguration
+def _refuse(path: Path, findings: list[Finding]) -> None:
+    refused = [f.message for f in findings if f.level == "error"]
+    if refused:
+        raise SearchConfigError(f"{path}: the merge would refuse this config:\n" +
+                                "\n".join(refused))
 
-    from mergekit_expo.merge.parameters import DEFAULT_WARN_RELATIVE_CHANGE
-    from mergekit_expo.merge.roles import slice_roles
+
+def load_search_config(path: str | Path, *, lora_merge_cache: str | None = None
+                       ) -> SearchConfig:
+    """Read a merge YAML for the search; raise :class:`SearchConfigError` if unusable."""
+    from mergekit.options import MergeOptions
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise SearchConfigError(f"{path}: not valid YAML ({error})") from None
-    if not isinstance(raw, dict):
-        raise SearchConfigError(f"{path}: expected a YAML mapping (a mergekit merge config)")
-    if raw.get("merge_method") != METHOD_NAME:
-        raise SearchConfigError(
-            f"{path}: merge_method is {raw.get('merge_method')!r}; the search tunes "
-            f"`merge_method: {METHOD_NAME}` configs only"
-        )
-    for form in ("slices", "modules"):
-        if raw.get(form):
+        raw = config_io.read_raw(path)
+        if not config_io.uses_expo(raw):
             raise SearchConfigError(
-                f"{path}: `{form}:` configs are not supported by the search, which sets one "
-                "global alpha and lambda for the whole model. Write the config in the plain "
-                "`base_model:` + `models:` form for the search; once the winning alpha/lambda "
-                f"is known, put it into your `{form}:` config and run mergekit-yaml."
+                f"{path}: merge_method is {raw.get('merge_method')!r}; the search tunes "
+                "`merge_method: expo` configs only"
             )
-    try:
-        config = MergeConfiguration.model_validate(raw)
-    except Exception as error:  # pydantic's message is precise; keep it
-        raise SearchConfigError(f"{path}: not a valid mergekit config: {error}") from None
-
-    found = slice_roles(config)
-    if config.base_model is None or not found:
+        for form in ("slices", "modules"):
+            if raw.get(form):
+                raise SearchConfigError(
+                    f"{path}: `{form}:` configs are not supported by the search, which sets one "
+                    "global alpha and lambda for the whole model. Write the config in the plain "
+                    "`base_model:` + `models:` form for the search; once the winning alpha/"
+                    f"lambda is known, put it into your `{form}:` config and run mergekit-yaml."
+                )
+        config = config_io.validate(raw, str(path))
+    except config_io.ConfigError as error:
+        raise SearchConfigError(str(error)) from None
+    unknown = config_io.unknown_top_level_keys(raw, str(path))
+    if unknown:
+        raise SearchConfigError("\n".join(unknown))
+    options = MergeOptions(lora_merge_cache=lora_merge_cache)
+    findings = before_read(config, options)
+    _refuse(path, findings)
+    if config.base_model is None or not config.models:
         raise SearchConfigError(
             f"{path}: the search needs `base_model:` (θ₀, the SFT/reference checkpoint) and "
             "at least one other model under `models:` (the aligned/final checkpoint)"
         )
-    roles = found[0]
-    by_name = {str(m.model): m.model for m in config.models}
-    by_name[str(config.base_model)] = config.base_model
     _check_adapter_layout(path, config.base_model, [m.model for m in config.models])
-    notes: list[str] = []
+    plan = plan_config(config)
+    if plan.slices[0].final.lora is None:  # adapters: mergekit's planner would merge them
+        plan = _planned(path, config, options)
+    notes = [f.message for f in findings if f.level == "warning"]
     shared = dict(config.parameters or {})
-    alpha = _scalar(shared.get("alpha"), "alpha", notes)
-    lam = _scalar(shared.get("lambda"), "lambda", notes)
-    for name in sorted(set(shared) - set(GRID_PARAMETERS) - KNOWN_SHARED):
+    alpha = _scalar(shared.get(ALPHA), ALPHA, notes)
+    lam = _scalar(shared.get(LAMBDA), LAMBDA, notes)
+    for name in sorted(set(shared) - set(SHARED)):
         notes.append(f"parameter {name!r} is not an expo parameter; it is passed through unused")
     for entry in config.models:
-        for name in sorted(set(entry.parameters or {}) - KNOWN_PER_MODEL):
-            what = "ignored: the grid sets one global value" if name in GRID_PARAMETERS else (
-                "unused by expo"
-            )
-            notes.append(f"per-model parameter {name!r} of {entry.model} is {what}")
+        for name in sorted(set(entry.parameters or {}) - set(PER_MODEL)):
+            notes.append(f"per-model parameter {name!r} of {entry.model} is unused by expo")
     if config.tokenizer_source is not None or config.tokenizer is not None:
         notes.append(
             "tokenizer settings are not applied by the search: it generates with the final "
             "model's tokenizer and requires every tensor to have θ₀'s shape"
         )
-    warn = shared.get("warn_relative_change", DEFAULT_WARN_RELATIVE_CHANGE)
+    warn = _scalar(shared.get(WARN_RELATIVE_CHANGE), WARN_RELATIVE_CHANGE, notes)
     return SearchConfig(
-        path=path,
-        raw=raw,
-        merge_config=config,
-        reference=config.base_model,
-        final=by_name[roles["final"]],
-        intermediates=[by_name[name] for name in roles["intermediates"]],
-        config_alpha=alpha,
-        config_lambda=lam,
-        warn_relative_change=float(warn) if isinstance(warn, (int, float)) else 0.25,
+        path=path, raw=raw, plan=plan, config_alpha=alpha, config_lambda=lam,
+        warn_relative_change=DEFAULT_WARN_RELATIVE_CHANGE if warn is None else warn,
         notes=notes,
     )
+
+
+def _planned(path: Path, config: Any, options: Any, out_path: str | None = None) -> Plan:
+    """The full plan, refused as the merge would refuse it."""
+    from mergekit_expo.plan.planner import planned_tasks
+
+    try:
+        tasks = planned_tasks(config, options)
+    except Exception as error:  # noqa: BLE001 - the merge would fail the same way
+        raise SearchConfigError(
+            f"{path}: mergekit cannot plan this merge: {type(error).__name__}: {error}"
+        ) from None
+    plan, findings = after_plan(config, tasks, out_path)
+    _refuse(path, findings)
+    assert plan is not None  # no findings without a plan
+    return plan
 
 
 def _check_adapter_layout(path: Path, base, models: list) -> None:
@@ -161,9 +203,9 @@ def best_config(search: SearchConfig, alpha: float, lam: float) -> dict[str, Any
     """
     raw = copy.deepcopy(search.raw)
     parameters = dict(raw.get("parameters") or {})
-    parameters["alpha"] = alpha
-    if lam or "lambda" in parameters or search.intermediates:
-        parameters["lambda"] = lam
+    parameters[ALPHA] = alpha
+    if lam or LAMBDA in parameters or search.intermediates:
+        parameters[LAMBDA] = lam
     raw["parameters"] = parameters
     for entry in raw.get("models") or []:
         if isinstance(entry, dict) and isinstance(entry.get("parameters"), dict):
@@ -172,19 +214,51 @@ def best_config(search: SearchConfig, alpha: float, lam: float) -> dict[str, Any
     return raw
 
 
+def verify_best(search: SearchConfig, best: dict[str, Any],
+                scored: Callable[[str], tuple[float, float]]) -> Plan:
+    """Plan ``best.yml`` as the merge will, and check every tensor gets the (α, λ) it was scored
+    with (``scored``: θ_T's tensor name -> (α, λ)); raise naming the first that does not."""
+    from mergekit.options import MergeOptions
+
+    config = config_io.validate(best, f"{search.path.name} (the winner's config)")
+    _refuse(search.path, before_read(config, MergeOptions()))
+    plan = _planned(search.path, config, MergeOptions())
+    for tensor in plan.tensors:
+        if tensor.working_dtype is None or tensor.final not in tensor.inputs:
+            continue  # copied from θ_T, whatever α says
+        want = scored(tensor.inputs[tensor.final])
+        if (tensor.alpha, tensor.lam) != tuple(float(v) for v in want):
+            raise SearchConfigError(
+                f"the winner's config gives tensor {tensor.name} alpha = {tensor.alpha:g}, "
+                f"lambda = {tensor.lam:g}, but it was scored with alpha = {want[0]:g}, "
+                f"lambda = {want[1]:g}; best.yml is not written (please report this)"
+            )
+    return plan
+
+
+def values_by_tensor(assignment: Mapping[str, str], values: Mapping[str, Any]
+                     ) -> Callable[[str], tuple[float, float]]:
+    """θ_T's tensor name -> the (α, λ) of its group, for :func:`verify_best`."""
+    def scored(name: str) -> tuple[float, float]:
+        group = assignment.get(name, assignment.get("*"))
+        alpha, lam = values[group]
+        return float(alpha), float(lam)
+
+    return scored
+
+
 def _scalar(value: Any, name: str, notes: list[str]) -> float | None:
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    if isinstance(value, str):
+    if not isinstance(value, (list, dict)) and not hasattr(value, "model_dump"):
         try:
-            return float(value)
-        except ValueError:
-            pass
-    notes.append(
-        f"{name} in the config is not a single number ({value!r}); the search ignores it and "
-        f"uses one global {name} per candidate from the grid, and --write-best writes the "
-        "winning scalar in its place"
-    )
+            return to_number(name, value)
+        except ValueError as error:
+            raise SearchConfigError(str(error)) from None
+    if name in GRID_PARAMETERS:
+        notes.append(
+            f"{name} in the config is not a single number ({value!r}); the search ignores it "
+            f"and uses one global {name} per candidate from the grid, and --write-best writes "
+            "the winning scalar in its place"
+        )
     return None

@@ -79,7 +79,7 @@ def plot_guard(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from mergekit_expo.search.guard import baseline, pareto_front
+    from mergekit_expo.search.capability import baseline, pareto_front
 
     rows = [r for r in rows if r.get("mean") is not None and r.get("guard_mean") is not None]
     figure = Figure(figsize=(7, 5), dpi=110)

@@ -20,11 +20,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from mergekit_expo import __version__
-from mergekit_expo.search import extensions
+from mergekit_expo.search.capability import make_guard
+from mergekit_expo.search.groups import Group, groups_of, winner_config
+from mergekit_expo.search.holdout import score_holdout, split_holdout
 from mergekit_expo.search.merge_config import SearchConfig, SearchConfigError, best_config
 from mergekit_expo.search.prompts import file_digest
 from mergekit_expo.search.results import ResultsFile, files_identity, settings_key
 from mergekit_expo.search.settings import SearchSettings
+from mergekit_expo.search.trials import lambda_searched, search_trials
 
 LOG = logging.getLogger("mergekit_expo")
 
@@ -46,6 +49,7 @@ class SearchReport:
     adapter: Path | None = None  # the winner as a LoRA adapter (adapter-based configs)
     skipped: int = 0  # candidates found finished in the results file
     notes: list[str] = field(default_factory=list)
+    merge_command: str | None = None  # how to merge best.yml, runnable as printed
     trials: list[dict[str, Any]] = field(default_factory=list)  # per-group rows, in order
     guard_plot: Path | None = None
     holdout: list[dict[str, Any]] = field(default_factory=list)  # search vs hold-out scores
@@ -57,6 +61,8 @@ def run_search(settings: SearchSettings) -> SearchReport:
     from mergekit_expo.search.merge_config import load_search_config
 
     search = load_search_config(settings.config)
+    if settings.write_best is not None:  # not after hours of candidates
+        refuse_write_best_target(search, settings.write_best)
     for note in search.notes:
         LOG.warning("expo search: %s", note)
     lambdas = settings.lambdas
@@ -69,14 +75,14 @@ def run_search(settings: SearchSettings) -> SearchReport:
 
     if settings.scorer.kind == "dpo" and settings.prompts is not None:
         LOG.warning("expo search: --prompts is not used by the DPO scorer (--pairs)")
-    data, holdout_data = extensions.split_holdout(settings, _read_data(settings))
+    data, holdout_data = split_holdout(settings, _read_data(settings))
     scorer = _make_scorer(settings, data)
-    guard = extensions.make_guard(settings, scorer)
-    groups, assignment = extensions.groups_of(settings, search)
+    guard = make_guard(settings, scorer)
+    groups, assignment = groups_of(settings, search)
     out_dir = settings.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     key_settings = _key_settings(settings, search, scorer)
-    key_settings |= extensions.extended_key(settings, groups, guard)
+    key_settings |= extended_key(settings, groups, guard)
     results = ResultsFile(out_dir / RESULTS_NAME, settings_key(key_settings))
     pending = [c for c in grid if results.finished(*c) is None]
     skipped = len(grid) - len(pending)
@@ -87,19 +93,19 @@ def run_search(settings: SearchSettings) -> SearchReport:
             "expo search: %d rows in %s were made with other settings and are not reused",
             results.other_rows, results.path,
         )
-    need_mids = any(lam for _, lam in grid) or extensions.lambda_searched(settings)
+    need_mids = any(lam for _, lam in grid) or lambda_searched(settings)
     session = _Session(settings, search, scorer, data, assignment, guard, results, key_settings,
                        need_mids=need_mids)
     if pending:
         _score_candidates(session, pending)
 
     rows = [results.finished(*c) for c in grid]
-    trials = extensions.run_trials(settings, session, rows, lambdas) if settings.trials else []
+    trials = search_trials(settings, session, rows, lambdas) if settings.trials else []
     if session.evaluator is not None:
         LOG.info("expo search: %s", update_summary(session.evaluator))
     everything = [*rows, *trials]
     if guard is not None:
-        from mergekit_expo.search.guard import annotate, baseline, pick_guarded_winner
+        from mergekit_expo.search.capability import annotate, baseline, pick_guarded_winner
 
         annotate(everything, baseline(rows), settings.max_guard_drop)
         winner = pick_guarded_winner(everything)
@@ -115,14 +121,16 @@ def run_search(settings: SearchSettings) -> SearchReport:
         report.guard_plot = _guard_plot(everything, out_dir / GUARD_PLOT_NAME, winner,
                                         score_label, settings)
     if winner is not None:
-        best = extensions.winner_config(search, winner, groups, assignment)
+        best = winner_config(search, winner, groups, assignment)
+        verify_winner(search, best, winner, assignment)
         report.best_config = out_dir / BEST_CONFIG_NAME
         report.best_config.write_text(yaml.safe_dump(best, sort_keys=False), encoding="utf-8")
+        report.merge_command = merge_command(search, report.best_config, out_dir)
         if holdout_data is not None:
             uniform = [r for r in rows if r is not None]
             best_uniform = (pick_guarded_winner(uniform) if guard is not None
                             else pick_winner(uniform))
-            report.holdout = extensions.score_holdout(
+            report.holdout = score_holdout(
                 session, holdout_data, winner, best_uniform, _make_scorer
             )
         if search.uses_adapters:
@@ -146,6 +154,59 @@ def pick_winner(rows: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         if best is None or row["mean"] > best["mean"]:
             best = row
     return best
+
+
+def verify_winner(search: SearchConfig, best: dict[str, Any], winner: dict[str, Any],
+                  assignment: dict[str, str]) -> None:
+    """``best.yml`` planned as the merge will plan it gives every tensor the scored (α, λ)."""
+    from mergekit_expo.search.merge_config import values_by_tensor, verify_best
+
+    if winner.get("groups") is not None:
+        values = {g: tuple(v) for g, v in winner["groups"].items()}
+    else:
+        values = dict.fromkeys(set(assignment.values()), (winner["alpha"], winner["lambda"]))
+    if search.uses_adapters:  # planning would merge every adapter: the config checks only
+        from mergekit_expo.check.merge_start import before_read
+        from mergekit_expo.plan import config as config_io
+
+        findings = before_read(config_io.validate(best, "best.yml"), None)
+        refused = [f.message for f in findings if f.level == "error"]
+        if refused:
+            raise SearchConfigError("the winner's config would be refused:\n" +
+                                    "\n".join(refused))
+        return
+    verify_best(search, best, values_by_tensor(assignment, values))
+
+
+def refuse_write_best_target(search: SearchConfig, out: Path) -> None:
+    """What would stop ``--write-best`` after the search, refused before the first candidate:
+    a file in the way, a folder that cannot be written, too little free disk space."""
+    import os
+
+    from mergekit_expo.check.forecast import disk_findings
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SearchConfigError(f"--write-best {out}: a file is in the way (give a folder)")
+    existing = out.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SearchConfigError(
+            f"--write-best {out}: {existing} is not writable; choose a folder you can write to"
+        )
+    if search.plan.tensors:
+        refused = [f.message for f in disk_findings(search.plan.output_bytes()[0], out)[1]]
+        if refused:
+            raise SearchConfigError(f"--write-best {out}: " + "; ".join(refused))
+
+
+def merge_command(search: SearchConfig, best: Path, out_dir: Path) -> str:
+    """The command that merges ``best.yml``, runnable as printed."""
+    command = f"mergekit-yaml {best.resolve()} OUT"
+    if search.uses_adapters:  # mergekit merges each BASE+ADAPTER into this folder first
+        command += f" --lora-merge-cache {(out_dir / 'lora_merge_cache').resolve()}"
+    return command
 
 
 def write_best(config_path: Path, out: Path, settings: SearchSettings) -> Path:
@@ -370,3 +431,17 @@ def _plot(rows, out: Path, winner, label: str) -> Path | None:
     from mergekit_expo.search.plot import plot_search
 
     return plot_search(scored, out, winner=winner, score_label=label)
+
+
+def extended_key(settings, groups: list[Group], guard) -> dict[str, Any]:
+    """What the per-group, guard and hold-out options add to the results key (nothing if
+    unused, so a plain run's rows stay valid)."""
+    key: dict[str, Any] = {}
+    if groups:
+        key["groups"] = [g.describe() for g in groups]
+    if guard is not None:
+        key |= guard.identity()
+    if settings.holdout_prompts is not None or settings.holdout_fraction:
+        key["holdout"] = {"fraction": settings.holdout_fraction,
+                          "file": str(settings.holdout_prompts or "")}
+    return key

@@ -72,7 +72,7 @@ class CallableScorer:
         source = file_digest(self.source) if self.source else None
         return {"kind": "callable", "function": self.spec, "source_sha256": source}
 
-    def prepare(self) -> None:
+    def prepare(self, *, progress: bool = True) -> None:
         """Nothing to load: the function was imported to fail early on a bad spec."""
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], *, progress=True) -> Scores:
@@ -98,12 +98,19 @@ class RewardModelScorer:
     def identity(self) -> dict[str, Any]:
         return {"kind": "reward_model", "path": str(self.path), "files": files_identity(self.path)}
 
-    def prepare(self) -> None:
-        """Load the reward model and its tokenizer (once), after checking it has one output."""
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    def prepare(self, *, progress: bool = True) -> None:
+        """Load the reward model and its tokenizer (once), after checking it has one output;
+        without ``progress``, transformers' bars are off for the load only."""
+        from mergekit_expo.search.generation import progress_bars
 
         if self.model is not None:
             return
+        with progress_bars(progress):
+            self._load()
+
+    def _load(self) -> None:
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
         labels = AutoConfig.from_pretrained(self.path).num_labels
         if labels != 1:
             raise ScorerError(
@@ -256,11 +263,7 @@ def load_callable(spec: str) -> tuple[Callable[[str, str], float], Path | None]:
             path = Path(module_name).resolve()
             if not path.is_file():
                 raise ScorerError(f"scorer {spec!r}: no such file {path}")
-            name = f"_mergekit_expo_scorer_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-            module_spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            module_spec.loader.exec_module(module)
+            module = _exec_file(path)
         else:
             module = importlib.import_module(module_name)
     except ScorerError:
@@ -278,6 +281,30 @@ def load_callable(spec: str) -> tuple[Callable[[str, str], float], Path | None]:
     except TypeError:
         source = None
     return function, Path(source) if source else None
+
+
+def _exec_file(path: Path):
+    """Run a scorer file as a module of its own, leaving no trace in ``sys.modules``.
+
+    The module is in ``sys.modules`` while its code runs only: what a module's code expects
+    of itself at import time needs it there (``@dataclass`` resolves string annotations through
+    ``sys.modules[cls.__module__]``, ``typing.get_type_hints`` and ``pickle`` look the module
+    up by name). Once loaded, the entry is removed again (a name already taken is given back):
+    the function keeps its module's globals, and the process keeps no module it did not ask for.
+    """
+    name = f"_mergekit_expo_scorer_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    previous = sys.modules.get(name)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = previous
+    return module
 
 
 def _finite(value: Any, who: str, index: int) -> float:

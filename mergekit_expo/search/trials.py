@@ -75,9 +75,23 @@ def run_trials(
     values; ``evaluate(values, number)`` scores a new candidate and appends its row.
     """
     import optuna
+
+    # Optuna's per-trial INFO lines would drown the search's own; quiet for this study only
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return _run_study(space, trials=trials, seed=seed, grid_rows=grid_rows,
+                          finished=finished, lookup=lookup, evaluate=evaluate,
+                          guard_drop=guard_drop, max_drop=max_drop)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _run_study(space, *, trials, seed, grid_rows, finished, lookup, evaluate, guard_drop,
+               max_drop) -> list[dict[str, Any]]:
+    import optuna
     from optuna.trial import TrialState, create_trial
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     constrained = guard_drop is not None and max_drop is not None
 
     def constraint(row: dict[str, Any]) -> float:
@@ -122,3 +136,39 @@ def run_trials(
             trial.set_constraint("guard", constraint(row))
         study.tell(trial, row["mean"])
     return rows
+
+
+def lambda_searched(settings) -> bool:
+    return bool(settings.trials and settings.lambdas and len(set(settings.lambdas)) > 1)
+
+
+def search_trials(settings, session, rows, lambdas) -> list[dict[str, Any]]:
+    """``--trials N`` per-group candidates from Optuna, starting from the uniform grid."""
+    groups = tuple(sorted(set(session.assignment.values())))
+    alphas = settings.trial_alpha or (min(settings.alphas), max(settings.alphas))
+    searched = lambda_searched(settings)
+    space = TrialSpace(
+        groups=groups, alpha=tuple(alphas), step=settings.trial_step,
+        lam=(min(lambdas), max(lambdas)) if searched else None,
+        fixed_lambda=0.0 if searched else float(lambdas[0]),
+    )
+    finished = [r for r in session.results.rows.values() if r.get("groups") is not None]
+
+    def evaluate(values, number):
+        return session.score({"alpha": None, "lambda": None, "trial": number, "groups": values},
+                             {g: tuple(v) for g, v in values.items()})
+
+    drop = None
+    if session.guard is not None:
+        from mergekit_expo.search.capability import baseline
+
+        base = baseline(rows)
+
+        def drop(row):
+            return None if base is None or row.get("guard_mean") is None else (
+                base - row["guard_mean"])
+    return run_trials(
+        space, trials=settings.trials, seed=settings.trial_seed, grid_rows=rows,
+        finished=finished, lookup=session.results.finished_groups, evaluate=evaluate,
+        guard_drop=drop, max_drop=settings.max_guard_drop,
+    )

@@ -71,11 +71,24 @@ def read_file_header(path: str | os.PathLike) -> dict[str, TensorHeader]:
             ) from None
     header.pop("__metadata__", None)
     tensors, end = {}, 0
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not a JSON object). "
+                              "Re-download or re-export this checkpoint.")
     for name, entry in header.items():
-        begin, stop = entry["data_offsets"]
+        try:
+            begin, stop = (int(v) for v in entry["data_offsets"])
+            dtype = DTYPES.get(entry["dtype"], str(entry["dtype"]).lower())
+            shape = tuple(int(size) for size in entry["shape"])
+            if not 0 <= begin <= stop:
+                raise ValueError(f"offsets {begin}..{stop}")
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"{path} has a corrupt safetensors header: the entry of tensor {name} is "
+                f"unreadable ({type(error).__name__}: {error}). Re-download or re-export this "
+                "checkpoint."
+            ) from None
         end = max(end, stop)
-        dtype = DTYPES.get(entry["dtype"], entry["dtype"].lower())
-        tensors[name] = TensorHeader(name, dtype, tuple(entry["shape"]), path)
+        tensors[name] = TensorHeader(name, dtype, shape, path)
     if 8 + length + end > size:
         raise CheckpointError(
             f"{path} is truncated: its header describes {8 + length + end} bytes of tensors "
@@ -124,3 +137,41 @@ def read_checkpoint(model_dir: str | os.PathLike) -> dict[str, TensorHeader] | N
     if single.exists():
         return read_file_header(single)
     return None
+
+
+def looks_local(path: str) -> bool:
+    """A filesystem path, not a Hugging Face repo id (``org/name``)."""
+    return (
+        os.path.isabs(path)
+        or path.startswith((".", "~"))
+        or path.count("/") > 1
+        or "\\" in path
+    )
+
+
+def local_dir(reference) -> str | None:
+    """The folder of a model given as a local path without a LoRA; None otherwise."""
+    path = os.path.expanduser(reference.model.path)
+    return path if reference.lora is None and os.path.isdir(path) else None
+
+
+def read_model_headers(config) -> tuple[dict, list[tuple[str, str]]]:
+    """The safetensors headers of every local input of ``config``, and (where, message) for
+    each damaged one (the message names the file)."""
+    from mergekit_expo.plan.scopes import model_places
+
+    headers, damaged = {}, []
+    for where, reference in model_places(config):
+        if reference in headers:
+            continue
+        path = local_dir(reference)
+        if path is None:
+            continue
+        try:
+            found = read_checkpoint(path)
+        except (CheckpointError, OSError) as error:
+            damaged.append((where, f"{error} ({where}: {reference})"))
+            continue
+        if found is not None:
+            headers[reference] = found
+    return headers, damaged

@@ -1,7 +1,7 @@
 """What the output will be, known before the merge: its size against the free disk space, and
 the chat template and generation config it will carry (mergekit copies θ₀'s tokenizer files)
 against the aligned model's. Headers and small JSON files only; run at every expo merge's start
-(``hooks``) and by ``mergekit-expo check``.
+(``check.merge_start``) and by ``mergekit-expo check``.
 """
 
 from __future__ import annotations
@@ -10,47 +10,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-from mergekit_expo.merge.headers import TensorHeader
-from mergekit_expo.merge.roles import slice_roles
-from mergekit_expo.merge.validation import Finding, layout_names, local_dir, model_places
+from mergekit_expo.check.findings import Finding
+from mergekit_expo.plan.headers import local_dir
+from mergekit_expo.plan.types import Plan
 
 # Room kept free beyond the output itself (model card, tokenizer, file system slack).
 DISK_MARGIN = 1.05
-
-
-def output_bytes(
-    config: Any, planned: list[tuple[str, Any]], headers: dict[Any, dict[str, TensorHeader]]
-) -> tuple[int, int]:
-    """Bytes of the planned output tensors, and how many planned tensors no local header has."""
-    import torch
-
-    shapes: dict[str, TensorHeader] = {}  # by the name mergekit plans with
-    by_plan_name: dict[Any, dict[str, TensorHeader]] = {}
-    for model, tensors in headers.items():
-        layout = layout_names(model.config().model_type, tensors)
-        by_plan_name[model] = {layout[n] or n: h for n, h in tensors.items()}
-        for name, header in by_plan_name[model].items():
-            shapes.setdefault(name, header)
-    total, unknown = 0, 0
-    for name, _ in planned:
-        header = shapes.get(name)
-        if header is None:
-            unknown += 1
-            continue
-        dtype = config.out_dtype or config.dtype
-        if dtype is None or not header.dtype.startswith(("float", "bfloat")):
-            dtype = header.dtype  # no dtype given: mergekit writes the inputs' common dtype
-            for tensors in by_plan_name.values():
-                other = tensors.get(name)
-                if other is not None and other.dtype.startswith(("float", "bfloat")):
-                    promoted = torch.promote_types(
-                        getattr(torch, dtype), getattr(torch, other.dtype)
-                    )
-                    dtype = str(promoted).removeprefix("torch.")
-        total += header.numel * getattr(torch, dtype).itemsize
-    return total, unknown
 
 
 def disk_findings(total: int, out_path: str | os.PathLike) -> tuple[tuple[Path, int], list]:
@@ -94,13 +60,12 @@ def _generation(path: str | None) -> dict | None:
     return {k: v for k, v in found.items() if k not in ignored}
 
 
-def template_findings(config: Any) -> list[Finding]:
+def template_findings(plan: Plan) -> list[Finding]:
     """What the output carries (mergekit copies θ₀'s files) against the aligned model's."""
-    roles = slice_roles(config)
-    if not roles or config.base_model is None:
+    config = plan.config
+    if not plan.slices or config.base_model is None:
         return []
-    final_ref = next((m for _, m in model_places(config) if str(m) == roles[-1]["final"]), None)
-    base_dir, final_dir = local_dir(config.base_model), final_ref and local_dir(final_ref)
+    base_dir, final_dir = local_dir(config.base_model), local_dir(plan.slices[-1].final)
     if base_dir is None or final_dir is None:
         return []
     source = config.tokenizer.source if config.tokenizer is not None else config.tokenizer_source

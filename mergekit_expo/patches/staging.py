@@ -2,7 +2,7 @@
 
 mergekit writes into the output folder in place: an interrupted merge leaves complete-looking
 weights beside a truncated ``config.json``, and a re-run with another shard layout leaves the old
-``model.safetensors`` or index beside the new files. For expo merges, ``hooks.after_merge``
+``model.safetensors`` or index beside the new files. For expo merges, the ``run_merge`` patch
 runs mergekit's ``run_merge`` into a staging folder instead,
 
     PARENT/.OUT.expo-staging-PID-XXXXXX/OUT/
@@ -94,6 +94,15 @@ class Terminated(BaseException):
 
 def is_model_file(name: str) -> bool:
     return name in MODEL_FILES or name.endswith(WEIGHT_SUFFIXES)
+
+
+def destination(path: str) -> str:
+    """The output folder a staged merge moves into (``PARENT/OUT`` for
+    ``PARENT/.OUT.expo-staging-…/OUT``); any other path as it is. Messages name this one."""
+    staged_in = Path(path).parent
+    if staged_in.name.startswith(f".{Path(path).name}{STAGING}"):
+        return str(staged_in.parent / Path(path).name)
+    return path
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mergekit_expo.search.merge_config import SearchConfigError
 from mergekit_expo.search.prompts import JsonlError, _records, file_digest
 from mergekit_expo.search.scorers import (
     CallableScorer,
@@ -48,7 +49,7 @@ class ResponseGuard:
         return {"guard": self.scorer.identity()}
 
     def prepare(self, tokenizer, chat: bool, *, progress: bool = True) -> None:
-        self.scorer.prepare()
+        self.scorer.prepare(progress=progress)
 
     def score(self, model, prompts, responses, *, progress: bool = True) -> Scores:
         return self.scorer.score(prompts, responses, progress=progress)
@@ -160,3 +161,16 @@ def guard_summary(scores: Scores) -> dict[str, Any]:
     sem = scores.sem if len(scores.values) > 1 else 0.0
     return {"guard_mean": scores.mean, "guard_sem": sem if math.isfinite(sem) else None,
             "guard_n": len(scores.values)}
+
+
+def make_guard(settings, scorer):
+    if settings.guard is None:
+        return None
+    guard = parse_guard(settings.guard, device=settings.device,
+                        batch_size=settings.sampling.batch_size)
+    if guard.needs_responses and not scorer.generates:
+        raise SearchConfigError(
+            f"--guard {settings.guard} scores sampled responses, but the DPO scorer (--pairs) "
+            "samples none; use --guard loglik:TEXTS.jsonl with --pairs"
+        )
+    return guard

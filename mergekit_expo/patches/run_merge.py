@@ -1,0 +1,49 @@
+"""``mergekit.merge.run_merge``: an expo merge writes into a staging folder (``staging``) that
+moves into place only when complete, and is refused when it needs a lost feature."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+from mergekit_expo.patches.apply import install_wrapper
+from mergekit_expo.patches.record import Call, Internal
+
+RUN_MERGE = Internal(
+    "mergekit.merge", "run_merge",
+    "expo merges write into the output folder in place: an interrupted merge can leave an "
+    "incomplete or mixed model there",
+    call=Call(("merge_config", "out_path", "options", "config_source"), forwards=True),
+)
+RECORDS = (RUN_MERGE,)
+
+
+def install(merge: ModuleType) -> None:
+    run_merge = install_wrapper(merge, RUN_MERGE, _staged)
+    if run_merge is None:
+        return
+    for name in ("mergekit.scripts.run_yaml", "mergekit.scripts.multimerge"):
+        holder = sys.modules.get(name)  # imported before us: holds the unwrapped function
+        if holder is not None and hasattr(holder, "run_merge"):
+            holder.run_merge = run_merge
+
+
+def _staged(original: Callable) -> Callable:
+    def run_merge(merge_config, out_path, options, config_source=None, *args, **kwargs):
+        from mergekit_expo.plan.config import uses_expo
+
+        if not uses_expo(merge_config):
+            return original(merge_config, out_path, options, config_source, *args, **kwargs)
+        from mergekit_expo.patches import reads
+        from mergekit_expo.patches.card import merging
+        from mergekit_expo.patches.record import refuse_lost
+        from mergekit_expo.patches.staging import staged
+
+        refuse_lost(merge_config, verify=reads.RECORDS)
+        if config_source is None:  # before mergekit rewrites the config into slices
+            config_source = merge_config.to_yaml()
+        with merging(merge_config), staged(out_path) as staging:
+            return original(merge_config, staging, options, config_source, *args, **kwargs)
+
+    return run_merge
