@@ -74,7 +74,7 @@ def lora(adapters, out: Path, alpha: float, lam: float, base, reference_adapter)
 
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("out_path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out_path", required=False, type=click.Path(path_type=Path))  # a file: a finding
 @click.option("--cuda", is_flag=True, help="The merge will run with --cuda: check CUDA is there.")
 @click.option("--device", default=None, help="The merge's --device, checked the same way.")
 @click.option(

@@ -247,3 +247,25 @@ def test_planning_leaves_mergekit_s_loader_cache_as_it_was(zoo, tmp_path):
     assert (dict(cache.loaders), cache.lora_cache_dir, cache.lazy_unpickle) == before
     with pytest.raises(TypeError):  # the plan is read only
         plan.tensors[0].inputs[plan.slices[0].final] = "x"
+
+
+def test_a_lost_feature_and_a_file_in_place_of_out_are_refused_by_check_as_by_the_merge(
+    zoo, tmp_path, monkeypatch
+):
+    from mergekit_expo.patches import planner, record
+
+    config = expo_config(zoo.sft, zoo.dpo, alpha=0.3)
+    path = write_config(tmp_path / "c.yml", config)
+    blocker = tmp_path / "out"
+    blocker.write_text("a file")
+    with pytest.raises(NotADirectoryError) as raised:
+        run_merge_in_process(config, blocker)
+    checked = CliRunner().invoke(main, ["check", str(path), str(blocker)])
+    assert checked.exit_code == 1 and f"ERROR: {raised.value}" in checked.output
+
+    monkeypatch.setitem(record.LOST, planner.PLAN_TO_DISK, "mergekit's plan_to_disk changed")
+    with pytest.raises(record.LostFeatureError) as lost:
+        run_merge_in_process(config, tmp_path / "merged")
+    assert "planned expo merges are not checked" in str(lost.value)
+    checked = CliRunner().invoke(main, ["check", str(path)])
+    assert checked.exit_code == 1 and f"ERROR: {lost.value}" in checked.output

@@ -19,6 +19,15 @@ from mergekit_expo.plan.types import Plan
 DISK_MARGIN = 1.05
 
 
+def output_path_problem(out_path: str | os.PathLike) -> str | None:
+    """Why nothing can be merged into ``out_path``: a file in its place (the merge refuses it
+    before reading anything, with this message)."""
+    out = Path(os.path.realpath(out_path))
+    if out.exists() and not out.is_dir():
+        return f"output path {out} exists and is not a folder"
+    return None
+
+
 def disk_findings(total: int, out_path: str | os.PathLike) -> tuple[tuple[Path, int], list]:
     """((the folder measured, its free bytes), an error if the output will not fit)."""
     existing = Path(os.path.abspath(out_path))

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_expo.check.findings import Finding, errors
-from mergekit_expo.check.forecast import disk_findings
+from mergekit_expo.check.forecast import disk_findings, output_path_problem
 from mergekit_expo.check.merge_start import after_plan, before_read, has_errors
 from mergekit_expo.merge.parameters import DEFAULT_WARN_RELATIVE_CHANGE
+from mergekit_expo.patches.reads import RECORDS as READS
+from mergekit_expo.patches.record import lost_for
 from mergekit_expo.plan import config as config_io
 from mergekit_expo.plan.build import plan_config
 from mergekit_expo.plan.headers import TensorHeader
@@ -71,7 +73,12 @@ def _check(report: Report, path: Path, out_path, device: str, cache: str | None)
             "configs",
         ))
         return
+    import mergekit.merge  # noqa: F401 - what a merge imports: the patches install, or say why not
+
     options = MergeOptions(device=device, lora_merge_cache=cache)
+    report.findings += errors(lost_for(config, READS))  # as the merge refuses first
+    if out_path is not None and output_path_problem(out_path):
+        report.findings.append(Finding("error", output_path_problem(out_path)))
     report.findings += before_read(config, options)
     if has_errors(report.findings):
         _roles_if_possible(config, report)

@@ -187,15 +187,22 @@ def lose(record: Internal, why: str) -> None:
 def refuse_lost(merge_config: Any, verify: tuple[Internal, ...] = ()) -> None:
     """Refuse an expo merge that needs a lost feature (the records in ``verify``, reads not yet
     made, are checked first when the merge needs them)."""
+    refusals = lost_for(merge_config, verify)
+    if refusals:
+        raise LostFeatureError(refusals[0])
+
+
+def lost_for(merge_config: Any, verify: tuple[Internal, ...] = ()) -> list[str]:
+    """The refusal of each lost feature ``merge_config`` needs (``mergekit-expo check`` prints
+    them; the merge raises the first)."""
     for record in verify:
         if record not in LOST and record.needed_by(merge_config):
             check(record)
-    for record, why in LOST.items():
-        if record.needed_by(merge_config):
-            raise LostFeatureError(
-                f"expo: refusing this merge: {record.feature} because {why} ({installed()}); "
-                f"{record.advice}install a supported mergekit"
-            )
+    return [
+        f"expo: refusing this merge: {record.feature} because {why} ({installed()}); "
+        f"{record.advice}install a supported mergekit"
+        for record, why in LOST.items() if record.needed_by(merge_config)
+    ]
 
 
 def installed() -> str:

@@ -108,9 +108,12 @@ def destination(path: str) -> str:
 @contextlib.contextmanager
 def staged(out_path: str) -> Iterator[str]:
     """Yield the staging folder to merge into; on success move the model into ``out_path``."""
+    from mergekit_expo.check.forecast import output_path_problem
+
     out = Path(os.path.realpath(out_path))
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"output path {out} exists and is not a folder")
+    problem = output_path_problem(out)
+    if problem:
+        raise NotADirectoryError(problem)
     remove_leftovers(out)
     tag = f"{os.getpid()}-{secrets.token_hex(3)}"
     root = out.parent / f".{out.name}{STAGING}{tag}"

@@ -22,8 +22,6 @@ from mergekit_expo.merge.parameters import (
     ALPHA,
     DEFAULT_WARN_RELATIVE_CHANGE,
     LAMBDA,
-    PER_MODEL,
-    SHARED,
     WARN_RELATIVE_CHANGE,
     to_number,
 )
@@ -144,11 +142,6 @@ def load_search_config(path: str | Path, *, lora_merge_cache: str | None = None
     shared = dict(config.parameters or {})
     alpha = _scalar(shared.get(ALPHA), ALPHA, notes)
     lam = _scalar(shared.get(LAMBDA), LAMBDA, notes)
-    for name in sorted(set(shared) - set(SHARED)):
-        notes.append(f"parameter {name!r} is not an expo parameter; it is passed through unused")
-    for entry in config.models:
-        for name in sorted(set(entry.parameters or {}) - set(PER_MODEL)):
-            notes.append(f"per-model parameter {name!r} of {entry.model} is unused by expo")
     if config.tokenizer_source is not None or config.tokenizer is not None:
         notes.append(
             "tokenizer settings are not applied by the search: it generates with the final "

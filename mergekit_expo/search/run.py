@@ -79,6 +79,7 @@ def run_search(settings: SearchSettings) -> SearchReport:
     scorer = _make_scorer(settings, data)
     guard = make_guard(settings, scorer)
     groups, assignment = groups_of(settings, search)
+    rehearse_best(search, settings, groups, assignment, grid)
     out_dir = settings.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     key_settings = _key_settings(settings, search, scorer)
@@ -176,6 +177,24 @@ def verify_winner(search: SearchConfig, best: dict[str, Any], winner: dict[str, 
                                     "\n".join(refused))
         return
     verify_best(search, best, values_by_tensor(assignment, values))
+
+
+def rehearse_best(search: SearchConfig, settings: SearchSettings, groups: list[Group],
+                  assignment: dict[str, str], grid: list[tuple[float, float]]) -> None:
+    """Before the first candidate: the ``best.yml`` a uniform winner would get, and with groups
+    one with a different value per group, are planned and verified as the winner's will be, so
+    that a config the merge would refuse does not surface after hours of candidates."""
+    alpha, lam = grid[-1]
+    winners = [{"alpha": alpha, "lambda": lam}]
+    if groups:
+        names = sorted(set(assignment.values()))
+        searched = lambda_searched(settings)
+        winners.append({"alpha": None, "lambda": None, "groups": {
+            name: [0.05 * (index + 1), 0.05 * index if searched else lam]
+            for index, name in enumerate(names)}})
+    for winner in winners:
+        verify_winner(search, winner_config(search, winner, groups, assignment), winner,
+                      assignment)
 
 
 def refuse_write_best_target(search: SearchConfig, out: Path) -> None:
