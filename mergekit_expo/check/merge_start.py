@@ -12,10 +12,10 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from mergekit_expo.check.config_values import config_findings
 from mergekit_expo.check.findings import Finding, errors
 from mergekit_expo.check.forecast import disk_findings, template_findings
 from mergekit_expo.check.inputs import device_findings, input_findings, path_findings
-from mergekit_expo.check.parameters import config_findings
 from mergekit_expo.check.tensors import tensor_findings
 from mergekit_expo.plan.build import PlanError, build_plan
 from mergekit_expo.plan.config import uses_expo

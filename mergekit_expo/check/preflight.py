@@ -132,7 +132,7 @@ def _roles(plan: Plan, report: Report) -> None:
 def _plan(config, options, out_path, report: Report) -> Plan | None:
     """mergekit's own plan of the merge (reads configs and headers, no tensor), checked as the
     merge checks it at its start."""
-    from mergekit_expo.plan.planner import planned_tasks
+    from mergekit_expo.plan.tasks import planned_tasks
 
     try:
         tasks = planned_tasks(config, options)

@@ -12,8 +12,8 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
+from mergekit_expo.check.config_values import filters
 from mergekit_expo.check.findings import Finding
-from mergekit_expo.check.parameters import filters
 from mergekit_expo.plan.types import Plan
 
 # Problems of one kind listed in full up to this many; the rest are counted.

@@ -10,5 +10,6 @@ config through here; nothing else parses one.
 - ``scopes``: the one walk over models, slices and modules;
 - ``dtypes``: dtype names and mergekit's promotion rule, in one place;
 - ``headers``: safetensors headers (names, dtypes, shapes, complete files);
+- ``tasks``: mergekit's planner on a copy of the config, and what its tasks carry;
 - ``types``: the immutable plan; ``build``: how it is made.
 """

@@ -150,7 +150,7 @@ def build_plan(source: Any, *, options: Any = None, tasks: Iterable[Any] | None 
     here on a copy of the config). Raises :class:`PlanError` for the config and for a tensor
     the kernel would refuse (λ ≠ 0 where no intermediate is listed).
     """
-    from mergekit_expo.plan.planner import planned_tasks, tensor_tasks
+    from mergekit_expo.plan.tasks import planned_tasks, tensor_tasks
 
     base = plan_config(source)
     headers, damaged = read_model_headers(base.config)
@@ -180,7 +180,7 @@ def build_plan(source: Any, *, options: Any = None, tasks: Iterable[Any] | None 
 
 
 def _tensor_plan(base: Plan, name: str, task: Any, headers) -> TensorPlan:
-    from mergekit_expo.plan.planner import task_inputs
+    from mergekit_expo.plan.tasks import task_inputs
 
     found = task_inputs(task)
     reference, models = found.reference, found.models

@@ -157,7 +157,7 @@ def load_search_config(path: str | Path, *, lora_merge_cache: str | None = None
 
 def _planned(path: Path, config: Any, options: Any, out_path: str | None = None) -> Plan:
     """The full plan, refused as the merge would refuse it."""
-    from mergekit_expo.plan.planner import planned_tasks
+    from mergekit_expo.plan.tasks import planned_tasks
 
     try:
         tasks = planned_tasks(config, options)
