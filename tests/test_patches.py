@@ -60,6 +60,7 @@ NEEDS = {  # internal -> the configs that need its feature
     "mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.model_fields": EVERY,
     "mergekit.io.tasks.GatherTensors.model_fields": EVERY,
     "mergekit.io.tasks.SaveTensor.model_fields": EVERY,
+    "mergekit.io.tasks.LoaderCache.setup": set(),
 }
 NEEDED_BY = {r: NEEDS[r.where] for r in [r for _, r in WRAPS] + list(reads.RECORDS)}
 
@@ -285,6 +286,7 @@ READ_CALLS = {
     reads.CONVERSION_MAPPING: lambda: reads.checkpoint_renames("llava", ["vision_tower.x"]),
     reads.RENAME_SOURCE_KEY: lambda: reads.checkpoint_renames("llava", ["vision_tower.x"]),
     reads.WEIGHT_RENAMING: lambda: reads.checkpoint_renames("llava", ["vision_tower.x"]),
+    reads.LOADER_CACHE: lambda: reads.loader_cache_for(None).__enter__(),
 }
 
 

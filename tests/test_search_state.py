@@ -119,7 +119,7 @@ def test_search_leaves_the_rng_and_sys_modules_and_repeats_its_responses(
 
 
 def test_sampler_draws_what_torch_manual_seed_drew(pair):
-    """The sampler's own generators give the numbers a global ``torch.manual_seed(seed)`` gave
+    """The sampler draws the numbers a global ``torch.manual_seed(seed)`` gave
     (responses of a given seed are unchanged), and the caller's RNG continues undisturbed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

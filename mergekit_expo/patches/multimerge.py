@@ -69,14 +69,14 @@ def _stale_expo_step(config_yaml: str, out_path: str) -> bool:
     mergekit's own rule (a config.json and weights mean done) stands.
     """
     import yaml
-    from mergekit.config import MergeConfiguration
 
+    from mergekit_expo.plan.build import load
     from mergekit_expo.plan.config import uses_expo
 
     written = os.path.join(out_path, "mergekit_config.yml")
     if not os.path.exists(os.path.join(out_path, "config.json")) or not os.path.exists(written):
         return False
-    config = MergeConfiguration.model_validate(yaml.safe_load(config_yaml))
+    config, _, _ = load(yaml.safe_load(config_yaml))  # the plan's reading of the step
     if not uses_expo(config):
         return False
     with open(written, encoding="utf-8") as handle:

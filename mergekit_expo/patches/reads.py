@@ -9,6 +9,7 @@ transformers no longer fits it, the read raises an error naming the feature and 
   generates with it);
 - the fields of mergekit's planned tasks (``ExecuteMergeMethodTask``, ``GatherTensors``,
   ``SaveTensor``): what mergekit resolved for each tensor, read by the plan;
+- ``mergekit.io.tasks.LoaderCache``: set up for a plan made outside a merge, then put back;
 - ``transformers.conversion_mapping.get_checkpoint_conversion_mapping`` (and the
   ``core_model_loading`` transforms it returns): how transformers renames older checkpoint
   layouts (mergekit reads LLaVA's ``vision_tower.*`` as ``model.vision_tower.*``).
@@ -18,7 +19,8 @@ transformers no longer fits it, the read raises an error naming the feature and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mergekit_expo.patches.record import MARK, Call, Internal, every_expo_merge, read
@@ -62,8 +64,17 @@ GATHER_TASK = Internal("mergekit.io.tasks", "GatherTensors.model_fields", PLANNE
                        fields=("weight_info",), needed_by=every_expo_merge)
 SAVE_TASK = Internal("mergekit.io.tasks", "SaveTensor.model_fields", PLANNED,
                      fields=("tensor_name", "tensor_task"), needed_by=every_expo_merge)
+LOADER_CACHE = Internal(
+    "mergekit.io.tasks", "LoaderCache.setup",
+    "expo cannot plan a merge outside mergekit's run and leave mergekit's loader cache as it was "
+    "(`mergekit-expo check`, the α/λ search)",
+    call=Call(("self",), ("options",)),
+)
+# LoaderCache's settings, as ``setup`` writes them; planning puts back what it found
+LOADER_CACHE_SETTINGS = ("lora_cache_dir", "hf_cache_dir", "lazy_unpickle", "trust_remote_code",
+                         "lora_merge_dtype")
 RECORDS = (OUT_CONFIG, CHAT_TEMPLATE, CONVERSION_MAPPING, RENAME_SOURCE_KEY, WEIGHT_RENAMING,
-           MERGE_TASK, GATHER_TASK, SAVE_TASK)
+           MERGE_TASK, GATHER_TASK, SAVE_TASK, LOADER_CACHE)
 
 
 def original(function: Callable) -> Callable:
@@ -73,6 +84,27 @@ def original(function: Callable) -> Callable:
 
 def model_out_config(config: Any, arch_info: Any, *, trust_remote_code: bool = False) -> Any:
     return read(OUT_CONFIG)(config, arch_info, trust_remote_code=trust_remote_code)
+
+
+@contextmanager
+def loader_cache_for(options: Any) -> Iterator[None]:
+    """mergekit's process-wide ``LoaderCache`` set up with ``options`` inside, then as it was:
+    its settings restored, the loaders opened inside flushed and forgotten."""
+    read(LOADER_CACHE)
+    from mergekit.io.tasks import LoaderCache
+
+    cache = LoaderCache()
+    settings = {name: getattr(cache, name) for name in LOADER_CACHE_SETTINGS
+                if hasattr(cache, name)}
+    before = set(cache.loaders)
+    cache.setup(options=options)
+    try:
+        yield
+    finally:
+        for model in set(cache.loaders) - before:
+            cache.loaders.pop(model).flush()
+        for name, value in settings.items():
+            setattr(cache, name, value)
 
 
 def set_chat_template(tokenizer: Any, config: Any) -> None:

@@ -2,14 +2,13 @@
 
 mergekit's ``MergePlanner`` resolves α, λ and ``final`` for every tensor (filters, gradients,
 defaults) and names each input's tensor. The plan takes exactly those values rather than
-resolving them a second way. The task fields read here and ``mergekit.merge._model_out_config``
-go through their records in ``patches.reads``.
+resolving them a second way. The task fields read here, ``mergekit.merge._model_out_config`` and
+mergekit's process-wide ``LoaderCache`` go through their records in ``patches.reads``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,42 +19,21 @@ def planned_tasks(config: Any, options: Any = None) -> list[Any]:
     Reads the inputs' ``config.json`` and tensor indexes, no tensor.
     """
     from mergekit.architecture import get_architecture_info
-    from mergekit.io.tasks import LoaderCache
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
 
-    from mergekit_expo.patches.reads import model_out_config, original
+    from mergekit_expo.patches.reads import loader_cache_for, model_out_config, original
 
     options = options or MergeOptions()
     work = config.model_copy(deep=True)
     arch_info = original(get_architecture_info)(work, options)
-    with _loader_cache(LoaderCache(), options):
+    with loader_cache_for(options):
         out_config = model_out_config(work, arch_info,
                                       trust_remote_code=options.trust_remote_code)
         planner = MergePlanner(work, arch_info, options=options, out_model_config=out_config)
         # the task graph only: its writer task would create the folder if it were executed
         # (mergekit 0.1.5's plan_in_memory cannot build its ReturnTensor tasks)
         return original(MergePlanner.plan_to_disk)(planner, out_path="(not written)")
-
-
-_CACHE_SETTINGS = ("lora_cache_dir", "hf_cache_dir", "lazy_unpickle", "trust_remote_code",
-                   "lora_merge_dtype")
-
-
-@contextmanager
-def _loader_cache(cache: Any, options: Any) -> Iterator[None]:
-    """mergekit's process-wide ``LoaderCache`` set up for this plan, then as it was: its
-    settings restored, the loaders opened for the plan flushed and forgotten."""
-    settings = {name: getattr(cache, name) for name in _CACHE_SETTINGS}
-    before = set(cache.loaders)
-    cache.setup(options=options)
-    try:
-        yield
-    finally:
-        for model in set(cache.loaders) - before:
-            cache.loaders.pop(model).flush()
-        for name, value in settings.items():
-            setattr(cache, name, value)
 
 
 def tensor_tasks(tasks: Iterable[Any]) -> list[tuple[str, Any]]:

@@ -1,15 +1,15 @@
 """Sampling answers to held-out prompts with transformers, the same way for every candidate.
 
 The defaults (``settings.SamplingSettings``) are the papers' decoding settings (temperature 0.7,
-top-p 0.9, top-k 40). Each candidate samples from generators seeded afresh with the same seed, so
-every candidate sees the same random numbers: differences between candidates then come from the
+top-p 0.9, top-k 40). Each candidate samples after seeding afresh with the same seed, so every
+candidate sees the same random numbers: differences between candidates then come from the
 weights, not from sampling noise (common random numbers).
 
 Nothing here changes the process for good: transformers' ``generate`` draws from torch's global
-RNG (it takes no generator), so the sampler lends its own seeded generators to it for the
-duration of one candidate and puts the caller's RNG state back afterwards
-(:class:`SeededGenerators`); transformers' progress bars are turned off only for the duration of
-a load (:func:`progress_bars`).
+RNG (it takes no generator), so each candidate samples inside ``torch.random.fork_rng`` after
+``torch.manual_seed`` (:func:`seeded`), and the caller's RNG state is back afterwards;
+transformers' progress bars are turned off only for the duration of a load
+(:func:`progress_bars`).
 """
 
 from __future__ import annotations
@@ -74,58 +74,19 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-class SeededGenerators:
-    """The sampler's own random numbers: a CPU generator and, for a model on an accelerator, one
-    on its device, re-seeded with the same seed for each candidate.
-
-    ``generate`` in transformers samples with ``torch.multinomial`` on the global RNG and accepts
-    no generator, so :meth:`lent` swaps these generators' states in for the global ones of the
-    CPU and the device while one candidate samples, and restores the caller's states on leaving
-    (also on an error). The numbers drawn are those that ``torch.manual_seed(seed)`` before each
-    candidate gave, without leaving the global RNG seeded.
-    """
-
-    def __init__(self, seed: int, device: torch.device | str):
-        self.seed = seed
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.cpu = torch.Generator()
-        on_device = self.device.type not in ("cpu", "meta")
-        self.accelerator = torch.Generator(device=self.device) if on_device else None
-
-    def _device_rng(self):
-        """(get, set) of the global RNG state of the model's device (torch.cuda, .xpu, .mps)."""
-        module = getattr(torch, self.device.type)
-        if self.device.type == "mps":  # a single device; older torch takes no device argument
-            return module.get_rng_state, module.set_rng_state
-        return (
-            lambda: module.get_rng_state(self.device),
-            lambda state: module.set_rng_state(state, self.device),
-        )
-
-    @contextlib.contextmanager
-    def lent(self) -> Iterator[None]:
-        """Inside, the global RNG of the CPU (and of the device) continues from freshly seeded
-        generators; on leaving, the caller's states are back and the generators hold where
-        this candidate's numbers ended."""
-        self.cpu.manual_seed(self.seed)
-        saved_cpu = torch.get_rng_state()
-        if self.accelerator is not None:
-            self.accelerator.manual_seed(self.seed)
-            get_state, set_state = self._device_rng()
-            saved_device = get_state()
-        try:
-            torch.set_rng_state(self.cpu.get_state())
-            if self.accelerator is not None:
-                set_state(self.accelerator.get_state())
-            yield
-        finally:
-            self.cpu.set_state(torch.get_rng_state())
-            torch.set_rng_state(saved_cpu)
-            if self.accelerator is not None:
-                self.accelerator.set_state(get_state())
-                set_state(saved_device)
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """``torch.manual_seed(seed)`` inside, so that every candidate samples the same random
+    numbers; on leaving, the process's random state (CPU and every accelerator of the kind
+    torch uses) is as it was (``torch.random.fork_rng``)."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; CUDA only before
+    kind = accelerator.current_accelerator() if accelerator is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else None)
+    count = 0 if kind is None else getattr(torch, kind.type).device_count()
+    device_type = "cuda" if kind is None else kind.type
+    with torch.random.fork_rng(devices=list(range(count)), device_type=device_type):
+        torch.manual_seed(seed)
+        yield
 
 
 class Sampler:
@@ -141,18 +102,17 @@ class Sampler:
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.generators = SeededGenerators(settings.seed, model.device)
 
     @torch.no_grad()
     def generate(self, *, progress: bool = True, desc: str = "Generating") -> list[Response]:
-        """One candidate's responses, from generators seeded afresh (same seed, same numbers)."""
+        """One candidate's responses, sampled after seeding afresh (same seed, same numbers)."""
         settings = self.settings
         results: list[Response | None] = [None] * len(self.prompt_ids)
         batches = [
             self.order[i : i + settings.batch_size]
             for i in range(0, len(self.order), settings.batch_size)
         ]
-        with self.generators.lent():
+        with seeded(settings.seed):
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 for index, response in zip(batch, self._generate_batch(batch), strict=True):
                     results[index] = response

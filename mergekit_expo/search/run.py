@@ -230,11 +230,12 @@ def merge_command(search: SearchConfig, best: Path, out_dir: Path) -> str:
 
 def write_best(config_path: Path, out: Path, settings: SearchSettings) -> Path:
     """Run the real mergekit merge on the winner's config, in this process."""
-    from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
+    from mergekit_expo.plan.build import load
+
     text = config_path.read_text(encoding="utf-8")
-    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    config, _, _ = load(config_path)  # the plan's reading, as every surface reads a config
     LOG.info("expo search: merging the winner (%s) into %s", config_path, out)
     # on the CPU, as the search computed the candidate: the winner is then bit for bit the same
     import tempfile
