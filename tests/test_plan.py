@@ -212,6 +212,9 @@ def test_merge_check_and_search_read_every_config_alike(zoo, tmp_path_factory, t
         for tensor in plan.tensors:
             written = merged[tensor.name]
             assert str(written.dtype).removeprefix("torch.") == tensor.output_dtype, label
+            assert tensor.input_dtypes == {  # as each input stores it
+                m: str(inputs[m][n].dtype).removeprefix("torch.") for m, n in tensor.inputs.items()
+            }, label
             if tensor.working_dtype is None:
                 continue
             cast = getattr(torch, tensor.working_dtype)

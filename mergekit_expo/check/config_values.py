@@ -17,7 +17,7 @@ from typing import Any
 from mergekit_expo.check.findings import Finding, errors
 from mergekit_expo.merge.parameters import PER_MODEL, SHARED
 from mergekit_expo.plan.build import config_problems
-from mergekit_expo.plan.scopes import scopes
+from mergekit_expo.plan.scopes import scopes, setting_values
 
 KNOWN = SHARED + PER_MODEL
 FILTER_EXAMPLE = "alpha: [{filter: mlp, value: 0.5}, {value: 0.3}]"
@@ -83,21 +83,10 @@ def _unknown(key: str, where: str, allowed: tuple[str, ...]) -> str:
     return f"expo: unknown parameter `{key}` in {where}{hint} (expo reads {names} there)"
 
 
-def settings(value: Any) -> Iterator[tuple[Any, str | None]]:
-    """(scalar, filter) pairs of a parameter setting: scalars, gradients, conditional lists."""
-    items = value if isinstance(value, list) else [value]
-    for item in items:
-        if hasattr(item, "filter"):  # mergekit's ConditionalParameter
-            for scalar, _ in settings(item.value):
-                yield scalar, item.filter
-        else:
-            yield item, None
-
-
 def _numbers(config: Any) -> Iterator[tuple[str, float]]:
     for scope in scopes(config):
         for key, value in (scope.parameters or {}).items():
-            for scalar, _ in settings(value):
+            for scalar, _ in setting_values(value):
                 if isinstance(scalar, (int, float)) and not isinstance(scalar, bool):
                     yield key, float(scalar)
 
@@ -107,7 +96,7 @@ def filters(config: Any) -> list[tuple[str, str, str]]:
     found = []
     for scope in scopes(config):
         for key, value in (scope.parameters or {}).items():
-            for _, text in settings(value):
+            for _, text in setting_values(value):
                 if text is not None and text != "*" and (scope.where, key, text) not in found:
                     found.append((scope.where, key, text))
     return found

@@ -88,18 +88,15 @@ def missing_findings(plan: Plan) -> list[Finding]:
 
 def dropped_findings(plan: Plan) -> list[Finding]:
     """Tensors every input holds that the merge would not write."""
-    from mergekit_expo.patches.reads import checkpoint_renames
-
     read = set()
     for tensor in plan.tensors:
         for names in tensor.reads.values():
             read.update(names)
     sets = []
     for model in plan.models:
-        names = plan.headers.get(model)
-        if names is None:
+        layout = plan.planned_names.get(model)
+        if layout is None:
             continue
-        layout = checkpoint_renames(model.config().model_type, names)
         sets.append({n for n, key in layout.items()
                      if key is not None and key not in read and n not in read})
     dropped = sorted(set.intersection(*sets)) if sets else []

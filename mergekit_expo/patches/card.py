@@ -37,7 +37,7 @@ _merging: ContextVar[Plan | None] = ContextVar("mergekit_expo_card_plan", defaul
 def merging(config: Any) -> Iterator[None]:
     """Record the plan of ``config`` (as written) while its merge runs."""
     try:
-        plan = plan_config(config.model_copy(deep=True))
+        plan = plan_config(config)  # a copy of the config as written: mergekit rewrites it
     except PlanError:  # refused at the merge's start, with every other finding
         plan = None
     token = _merging.set(plan)

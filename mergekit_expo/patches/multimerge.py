@@ -76,7 +76,7 @@ def _stale_expo_step(config_yaml: str, out_path: str) -> bool:
     written = os.path.join(out_path, "mergekit_config.yml")
     if not os.path.exists(os.path.join(out_path, "config.json")) or not os.path.exists(written):
         return False
-    config, _, _ = load(yaml.safe_load(config_yaml))  # the plan's reading of the step
+    config = load(yaml.safe_load(config_yaml))  # the plan's reading of the step
     if not uses_expo(config):
         return False
     with open(written, encoding="utf-8") as handle:

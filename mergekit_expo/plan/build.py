@@ -26,7 +26,7 @@ from mergekit_expo.merge.roles import pick_final
 from mergekit_expo.plan import config as config_io
 from mergekit_expo.plan.dtypes import DtypeError, dtype_name, output_dtype, working_dtype
 from mergekit_expo.plan.headers import read_model_headers
-from mergekit_expo.plan.scopes import output_slices, scopes
+from mergekit_expo.plan.scopes import output_slices, scopes, setting_values
 from mergekit_expo.plan.types import Plan, SlicePlan, TensorPlan
 
 
@@ -35,15 +35,13 @@ class PlanError(ValueError):
     file, key or model."""
 
 
-def load(source: Any) -> tuple[Any, str, Path | None]:
-    """(MergeConfiguration, where, path) from a path, a mapping or a MergeConfiguration."""
+def load(source: Any) -> Any:
+    """A MergeConfiguration of its own from a path, a mapping or a MergeConfiguration."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        raw = config_io.read_raw(path)
-        return config_io.validate(raw, str(path)), str(path), path
+        return config_io.validate(config_io.read_raw(source), str(source))
     if isinstance(source, dict):
-        return config_io.validate(source, "the config"), "the config", None
-    return source.model_copy(deep=True), "the config", None  # the plan's own copy
+        return config_io.validate(source, "the config")
+    return source.model_copy(deep=True)  # the plan's own copy
 
 
 def final_problems(config: Any) -> list[str]:
@@ -74,15 +72,8 @@ def dtype_problems(config: Any) -> list[str]:
 
 def _nonzero(setting: Any) -> bool:
     """Any non-zero number in a setting (a scalar, a gradient or a filter list)."""
-    items = setting if isinstance(setting, list) else [setting]
-    for item in items:
-        value = getattr(item, "value", item)
-        if isinstance(value, list):
-            if _nonzero(value):
-                return True
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value:
-            return True
-    return False
+    return any(isinstance(value, (int, float)) and not isinstance(value, bool) and value
+               for value, _ in setting_values(setting))
 
 
 def slice_plans(config: Any) -> tuple[list[SlicePlan], list[str]]:
@@ -130,13 +121,13 @@ def config_problems(config: Any) -> list[str]:
 
 def plan_config(source: Any) -> Plan:
     """The config-level plan (roles, settings, dtypes); raises :class:`PlanError`."""
-    config, where, path = load(source)
+    config = load(source)
     problems = config_problems(config)
     if problems:
         raise PlanError("\n".join(problems))
     slices, _ = slice_plans(config)
     return Plan(
-        config=config, where=where, source=path,
+        config=config,
         dtype=dtype_name(config.dtype, "dtype"),
         out_dtype=dtype_name(config.out_dtype, "out_dtype"),
         slices=tuple(slices),
@@ -159,7 +150,10 @@ def build_plan(source: Any, *, options: Any = None, tasks: Iterable[Any] | None 
     if tasks is None:
         tasks = planned_tasks(base.config, options)
     tensors, problems = [], []
-    by_plan_name = renamed_headers(headers)
+    planned_names = _planned_names(headers)
+    by_plan_name = {model: {**{planned_names[model][n] or n: h for n, h in found.items()},
+                            **found}
+                    for model, found in headers.items()}
     for name, task in tensor_tasks(tasks):
         tensor = _tensor_plan(base, name, task, by_plan_name)
         if tensor.lam and not tensor.intermediates:
@@ -173,9 +167,10 @@ def build_plan(source: Any, *, options: Any = None, tasks: Iterable[Any] | None 
         raise PlanError("\n".join(problems[:5] + ([f"… {len(problems) - 5} more"]
                                                    if len(problems) > 5 else [])))
     return Plan(
-        config=base.config, where=base.where, source=base.source, dtype=base.dtype,
+        config=base.config, dtype=base.dtype,
         out_dtype=base.out_dtype, slices=base.slices, tensors=tuple(tensors),
         headers=frozen({model: frozen(found) for model, found in headers.items()}),
+        planned_names=frozen({model: frozen(names) for model, names in planned_names.items()}),
     )
 
 
@@ -210,7 +205,7 @@ def _tensor_plan(base: Plan, name: str, task: Any, headers) -> TensorPlan:
 
 def _header(tensors: Any, names: tuple[str, ...]) -> Any:
     """The header of the first of ``names`` a checkpoint holds (planned names are after
-    transformers' renames: see ``renamed_headers``)."""
+    transformers' renames: see ``_planned_names``)."""
     if not tensors:
         return None
     for name in names:
@@ -219,12 +214,9 @@ def _header(tensors: Any, names: tuple[str, ...]) -> Any:
     return None
 
 
-def renamed_headers(headers: dict) -> dict:
-    """Each model's headers by the name mergekit plans with (transformers' renames applied)."""
+def _planned_names(headers: dict) -> dict:
+    """Per model, checkpoint name -> the name mergekit plans with (transformers' renames)."""
     from mergekit_expo.patches.reads import checkpoint_renames
 
-    out = {}
-    for model, tensors in headers.items():
-        renames = checkpoint_renames(model.config().model_type, tensors)
-        out[model] = {**{renames[n] or n: h for n, h in tensors.items()}, **tensors}
-    return out
+    return {model: checkpoint_renames(model.config().model_type, tensors)
+            for model, tensors in headers.items()}

@@ -57,6 +57,17 @@ def _owner_scopes(prefix: str, owner: Any, base: Any) -> Iterator[Scope]:
             )
 
 
+def setting_values(value: Any) -> Iterator[tuple[Any, str | None]]:
+    """(scalar, filter) pairs of a parameter setting: scalars, gradients, conditional lists."""
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if hasattr(item, "filter"):  # mergekit's ConditionalParameter
+            for scalar, _ in setting_values(item.value):
+                yield scalar, item.filter
+        else:
+            yield item, None
+
+
 def model_places(config: Any) -> list[tuple[str, Any]]:
     """(where, ModelReference) for every model the config names, in the order written."""
     found = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mergekit_expo.plan.dtypes import ITEMSIZE
@@ -59,19 +58,14 @@ class Plan:
     (``plan_config``), which needs no model files."""
 
     config: Any  # a copy of the config as given (not the planner's rewritten one); read only
-    where: str  # the config's file, or "the config"
     dtype: str | None  # ``dtype:`` (validated)
     out_dtype: str | None  # ``out_dtype:`` (validated)
     slices: tuple[SlicePlan, ...]
     tensors: tuple[TensorPlan, ...] = ()
     headers: Mapping[Any, Mapping[str, Any]] = field(default_factory=dict)
-    source: Path | None = None
-
-    def tensor(self, name: str) -> TensorPlan:
-        for tensor in self.tensors:
-            if tensor.name == name:
-                return tensor
-        raise KeyError(name)
+    # per input with headers: checkpoint tensor name -> the name mergekit plans with (None: a
+    # name transformers fuses away); transformers' renames of older layouts, looked up once
+    planned_names: Mapping[Any, Mapping[str, str | None]] = field(default_factory=dict)
 
     @property
     def models(self) -> tuple[Any, ...]:

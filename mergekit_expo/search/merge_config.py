@@ -46,8 +46,7 @@ class SearchConfig:
     path: Path
     raw: dict[str, Any]  # the user's YAML as written, for --write-best
     plan: Plan
-    config_alpha: float | None  # the config's scalar alpha/lambda, if scalar
-    config_lambda: float | None
+    config_lambda: float | None  # the config's scalar lambda (the default λ grid), if scalar
     warn_relative_change: float
     notes: list[str] = field(default_factory=list)  # what the search ignores, for the log
 
@@ -129,27 +128,27 @@ def load_search_config(path: str | Path, *, lora_merge_cache: str | None = None
     options = MergeOptions(lora_merge_cache=lora_merge_cache)
     findings = before_read(config, options)
     _refuse(path, findings)
-    if config.base_model is None or not config.models:
+    plan = plan_config(config)  # its problems were refused with the merge's words above
+    if not plan.slices:
         raise SearchConfigError(
             f"{path}: the search needs `base_model:` (θ₀, the SFT/reference checkpoint) and "
             "at least one other model under `models:` (the aligned/final checkpoint)"
         )
-    _check_adapter_layout(path, config.base_model, [m.model for m in config.models])
-    plan = plan_config(config)
-    if plan.slices[0].final.lora is None:  # adapters: mergekit's planner would merge them
+    roles = plan.slices[0]
+    _check_adapter_layout(path, roles.reference, [*roles.intermediates, roles.final])
+    if roles.final.lora is None:  # adapters: mergekit's planner would merge them
         plan = _planned(path, config, options)
     notes = [f.message for f in findings if f.level == "warning"]
-    shared = dict(config.parameters or {})
-    alpha = _scalar(shared.get(ALPHA), ALPHA, notes)
-    lam = _scalar(shared.get(LAMBDA), LAMBDA, notes)
+    _scalar(roles.alpha, ALPHA, notes)  # refused if not a number; noted if a list
+    lam = _scalar(roles.lam, LAMBDA, notes)
     if config.tokenizer_source is not None or config.tokenizer is not None:
         notes.append(
             "tokenizer settings are not applied by the search: it generates with the final "
             "model's tokenizer and requires every tensor to have θ₀'s shape"
         )
-    warn = _scalar(shared.get(WARN_RELATIVE_CHANGE), WARN_RELATIVE_CHANGE, notes)
+    warn = _scalar(roles.warn_relative_change, WARN_RELATIVE_CHANGE, notes)
     return SearchConfig(
-        path=path, raw=raw, plan=plan, config_alpha=alpha, config_lambda=lam,
+        path=path, raw=raw, plan=plan, config_lambda=lam,
         warn_relative_change=DEFAULT_WARN_RELATIVE_CHANGE if warn is None else warn,
         notes=notes,
     )
@@ -210,11 +209,17 @@ def best_config(search: SearchConfig, alpha: float, lam: float) -> dict[str, Any
 def verify_best(search: SearchConfig, best: dict[str, Any],
                 scored: Callable[[str], tuple[float, float]]) -> Plan:
     """Plan ``best.yml`` as the merge will, and check every tensor gets the (α, λ) it was scored
-    with (``scored``: θ_T's tensor name -> (α, λ)); raise naming the first that does not."""
+    with (``scored``: θ_T's tensor name -> (α, λ)); raise naming the first that does not.
+
+    Adapter configs get the merge's start checks only: planning them would merge every adapter
+    into a full model (their candidates change one scaling, the same for every tensor).
+    """
     from mergekit.options import MergeOptions
 
     config = config_io.validate(best, f"{search.path.name} (the winner's config)")
     _refuse(search.path, before_read(config, MergeOptions()))
+    if search.uses_adapters:
+        return plan_config(config)
     plan = _planned(search.path, config, MergeOptions())
     for tensor in plan.tensors:
         if tensor.working_dtype is None or tensor.final not in tensor.inputs:

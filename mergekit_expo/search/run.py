@@ -166,16 +166,6 @@ def verify_winner(search: SearchConfig, best: dict[str, Any], winner: dict[str, 
         values = {g: tuple(v) for g, v in winner["groups"].items()}
     else:
         values = dict.fromkeys(set(assignment.values()), (winner["alpha"], winner["lambda"]))
-    if search.uses_adapters:  # planning would merge every adapter: the config checks only
-        from mergekit_expo.check.merge_start import before_read
-        from mergekit_expo.plan import config as config_io
-
-        findings = before_read(config_io.validate(best, "best.yml"), None)
-        refused = [f.message for f in findings if f.level == "error"]
-        if refused:
-            raise SearchConfigError("the winner's config would be refused:\n" +
-                                    "\n".join(refused))
-        return
     verify_best(search, best, values_by_tensor(assignment, values))
 
 
@@ -235,7 +225,7 @@ def write_best(config_path: Path, out: Path, settings: SearchSettings) -> Path:
     from mergekit_expo.plan.build import load
 
     text = config_path.read_text(encoding="utf-8")
-    config, _, _ = load(config_path)  # the plan's reading, as every surface reads a config
+    config = load(config_path)  # the plan's reading, as every surface reads a config
     LOG.info("expo search: merging the winner (%s) into %s", config_path, out)
     # on the CPU, as the search computed the candidate: the winner is then bit for bit the same
     import tempfile
