@@ -30,6 +30,7 @@ AFTER_IMPORT = {
     "mergekit.architecture": "mergekit_expo.patches.architecture",
     "mergekit.plan": "mergekit_expo.patches.planner",
     "mergekit.scripts.multimerge": "mergekit_expo.patches.multimerge",
+    "mergekit.scripts.run_yaml": "mergekit_expo.patches.run_yaml",
 }
 
 

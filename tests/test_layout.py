@@ -16,17 +16,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mergekit_expo"
 
 # room -> the rooms it may import from (besides itself)
 ALLOWED = {
-    "merge": set(),  # the kernel, on mergekit's public API
-    "reads": set(),  # patches/reads.py and patches/record.py: private reads, compatibility records
-    "plan": {"merge", "reads"},  # the one reading of a config
-    "check": {"merge", "plan", "reads"},
-    "patches": {"merge", "plan", "check", "reads"},  # the wraps of mergekit; they run the checks
-    "search": {"merge", "plan", "check", "lora", "reads", "package"},  # package: the version
-    "lora": {"merge"},  # modules_to_save go through merge.formula
+    "errors": set(),  # errors.py: ExpoError, the base of every refusal
+    "merge": {"errors"},  # the kernel, on mergekit's public API
+    "reads": {"errors"},  # patches/reads.py and patches/record.py: private reads, records
+    "output": {"errors"},  # what may be written where; staging an output folder
+    "plan": {"merge", "reads", "errors"},  # the one reading of a config
+    "check": {"merge", "plan", "reads", "output", "errors"},
+    # the wraps of mergekit; they run the checks
+    "patches": {"merge", "plan", "check", "reads", "output", "errors"},
+    # package: the version
+    "search": {"merge", "plan", "check", "lora", "reads", "output", "package", "errors"},
+    "lora": {"merge", "output", "errors"},  # modules_to_save go through merge.formula
     "demo": set(),
-    "package": {"merge", "startup", "patches"},  # __init__.py: METHOD_NAME and register()
+    "package": {"merge", "startup", "patches", "errors"},  # METHOD_NAME and register()
     "startup": {"patches"},
-    "cli": {"merge", "plan", "search", "demo", "check", "lora"},
+    "cli": {"merge", "plan", "search", "demo", "check", "lora", "output", "errors"},
 }
 # modules of patches/ that the plan, the checks and the search may import: they wrap nothing
 READS = {"reads", "record"}
@@ -126,7 +130,8 @@ def test_the_method_module_imports_its_helpers_directly():
         "mergekit_expo.merge.roles",
     }
     for helper in helpers:
-        further = edges[helper] - {"mergekit_expo.merge", "mergekit_expo.merge.parameters"}
+        further = edges[helper] - {"mergekit_expo.merge", "mergekit_expo.merge.parameters",
+                                       "mergekit_expo.errors"}
         assert not further, f"{helper} sends a reader on to {sorted(further)}"
 
 

@@ -11,10 +11,12 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mergekit_expo.errors import ExpoError
+
 LOG = logging.getLogger("mergekit_expo")
 
 
-class ExpoConfigError(ValueError):
+class ExpoConfigError(ExpoError, ValueError):
     """The config would not merge what its author wrote; nothing was read or written."""
 
 

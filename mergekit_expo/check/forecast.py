@@ -19,13 +19,15 @@ from mergekit_expo.plan.types import Plan
 DISK_MARGIN = 1.05
 
 
-def output_path_problem(out_path: str | os.PathLike) -> str | None:
-    """Why nothing can be merged into ``out_path``: a file in its place (the merge refuses it
-    before reading anything, with this message)."""
-    out = Path(os.path.realpath(out_path))
-    if out.exists() and not out.is_dir():
-        return f"output path {out} exists and is not a folder"
-    return None
+def output_findings(config, out_path: str | os.PathLike) -> list[Finding]:
+    """What forbids merging ``config`` into ``out_path``, known before anything is read: a file in
+    its place, an input's folder (inputs are never written), another kind of artefact or files a
+    loader reads that the new model would not replace (``output.folder``)."""
+    from mergekit_expo.output.folder import write_problems
+    from mergekit_expo.plan.scopes import local_inputs
+
+    return [Finding("error", problem)
+            for problem in write_problems(out_path, "model", local_inputs(config))]
 
 
 def disk_findings(total: int, out_path: str | os.PathLike) -> tuple[tuple[Path, int], list]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_expo.check.findings import Finding, errors
-from mergekit_expo.check.forecast import disk_findings, output_path_problem
+from mergekit_expo.check.forecast import disk_findings, output_findings
 from mergekit_expo.check.merge_start import after_plan, before_read, has_errors
 from mergekit_expo.merge.parameters import DEFAULT_WARN_RELATIVE_CHANGE
 from mergekit_expo.patches.reads import RECORDS as READS
@@ -77,8 +77,8 @@ def _check(report: Report, path: Path, out_path, device: str, cache: str | None)
 
     options = MergeOptions(device=device, lora_merge_cache=cache)
     report.findings += errors(lost_for(config, READS))  # as the merge refuses first
-    if out_path is not None and output_path_problem(out_path):
-        report.findings.append(Finding("error", output_path_problem(out_path)))
+    if out_path is not None:
+        report.findings += output_findings(config, out_path)
     report.findings += before_read(config, options)
     if has_errors(report.findings):
         _roles_if_possible(config, report)

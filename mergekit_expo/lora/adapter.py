@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from mergekit_expo.errors import ExpoError
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -41,7 +43,7 @@ UNSUPPORTED = [
 ]
 
 
-class AdapterError(ValueError):
+class AdapterError(ExpoError, ValueError):
     """The adapter cannot be extrapolated as asked; the message names the file, key and remedy."""
 
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mergekit_expo.errors import ExpoError
+
 if TYPE_CHECKING:
     from mergekit_expo.merge.roles import Roles
 
@@ -33,7 +35,7 @@ LOG = logging.getLogger("mergekit_expo")
 SAMPLE_ELEMENTS = 1 << 16
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(ExpoError, ValueError):
     """A tensor (input or result) holds inf or NaN; nothing usable can be written."""
 
 

@@ -2,7 +2,6 @@
 
 ``record``: the record type (where an internal lives, the call made to it, the feature it gives,
 which merges need it), the compatibility check and the process-wide losses; ``apply``: installing
-a patch after its module has executed; ``reads``: the private functions called, not wrapped;
-``staging``: the output folder of an expo merge. The others each extend one mergekit module
-(listed in ``mergekit_expo._startup.AFTER_IMPORT``).
+a patch after its module has executed; ``reads``: the private functions called, not wrapped.
+The others each extend one mergekit module (listed in ``mergekit_expo._startup.AFTER_IMPORT``).
 """

@@ -1,6 +1,8 @@
 """``mergekit.scripts.multimerge``: every expo step of a ``mergekit-multi`` file is checked before
-the first one runs (``make_tasks``), and a lazy run merges again an expo step whose folder holds
-a model merged from another config (``MergeModelTask.execute``)."""
+the first one runs (``load_config``: its top-level keys, as written; ``make_tasks``: the rest); a
+lazy run merges again an expo step whose folder holds a model merged from another config, and
+then every later step that reads a step merged in this run (``MergeModelTask.execute``); a
+refusal prints as one block (``main``)."""
 
 from __future__ import annotations
 
@@ -25,12 +27,47 @@ MERGE_MODEL_TASK = Internal(
     "mergekit-multi skips an expo step whose folder holds a model merged from another config",
     call=Call(("self",), forwards=True), fields=("config_yaml", "out_path", "lazy", "name"),
 )
-RECORDS = (MAKE_TASKS, MERGE_MODEL_TASK)
+LOAD_CONFIG = Internal(
+    "mergekit.scripts.multimerge", "load_config",
+    "unknown top-level keys of mergekit-multi expo steps are dropped silently",
+    call=Call(("config_source", "intermediate_dir"), forwards=True),
+)
+MAIN = Internal(
+    "mergekit.scripts.multimerge", "main.callback",
+    "mergekit-multi prints mergekit-expo's refusals as tracebacks",
+    call=Call(forwards=True),
+)
+RECORDS = (MAKE_TASKS, MERGE_MODEL_TASK, LOAD_CONFIG, MAIN)
 
 
 def install(multimerge: ModuleType) -> None:
+    from mergekit_expo.patches.run_yaml import one_block
+
     install_wrapper(multimerge, MAKE_TASKS, _validating_steps_first)
     install_wrapper(multimerge, MERGE_MODEL_TASK, _rerunning_stale_steps)
+    install_wrapper(multimerge, LOAD_CONFIG, _checking_top_level_keys)
+    install_wrapper(multimerge, MAIN, one_block("mergekit-multi"))
+
+
+def _checking_top_level_keys(original: Callable) -> Callable:
+    def load_config(config_source, intermediate_dir, *args, **kwargs):
+        import yaml
+
+        from mergekit_expo.check.findings import ExpoConfigError
+        from mergekit_expo.plan.config import unknown_top_level_keys, uses_expo
+
+        problems = []
+        docs = yaml.safe_load_all(config_source) if isinstance(config_source, str) else ()
+        for doc in docs:
+            if isinstance(doc, dict) and uses_expo(doc):
+                step = doc.get("name", "final merge")
+                known = {k: v for k, v in doc.items() if k != "name"}
+                problems += unknown_top_level_keys(known, f"mergekit-multi step {step}")
+        if problems:
+            raise ExpoConfigError("\n".join(problems))
+        return original(config_source, intermediate_dir, *args, **kwargs)
+
+    return load_config
 
 
 def _validating_steps_first(original: Callable) -> Callable:
@@ -47,17 +84,61 @@ def _validating_steps_first(original: Callable) -> Callable:
     return make_tasks
 
 
+class MergedNow(str):
+    """A step's output folder, as the step returns it to the steps that read it, when the step
+    was merged in this run (not skipped): those steps are then merged again too."""
+
+    expo: bool = False  # the step is an expo merge
+
+
 def _rerunning_stale_steps(original: Callable) -> Callable:
     def execute(self, *args, **kwargs):
-        if self.lazy and _stale_expo_step(self.config_yaml, self.out_path):
+        redo = self
+        fresh = sorted(k for k, v in kwargs.items() if isinstance(v, MergedNow))
+        if self.lazy and fresh and _involves_expo(self.config_yaml, kwargs):
+            LOG.warning(
+                "mergekit-multi step %s: merging it again, as %s was merged in this run",
+                self.name, ", ".join(fresh),
+            )
+            redo = self.model_copy(update={"lazy": False})
+        elif self.lazy and _stale_expo_step(self.config_yaml, self.out_path):
             LOG.warning(
                 "mergekit-multi step %s: %s holds a model merged from another config; "
                 "merging it again", self.name, self.out_path,
             )
-            return original(self.model_copy(update={"lazy": False}), *args, **kwargs)
-        return original(self, *args, **kwargs)
+            redo = self.model_copy(update={"lazy": False})
+        skipped = redo.lazy and _done(redo.out_path)
+        result = original(redo, *args, **kwargs)
+        if skipped or not isinstance(result, str):
+            return result
+        merged = MergedNow(result)
+        merged.expo = _is_expo(self.config_yaml)
+        return merged
 
     return execute
+
+
+def _done(out_path: str) -> bool:
+    """mergekit's own rule for a lazy step to be skipped: a config.json and weights."""
+    from mergekit.scripts.multimerge import MODEL_CHECK_FILENAMES
+
+    return os.path.exists(os.path.join(out_path, "config.json")) and any(
+        os.path.exists(os.path.join(out_path, name)) for name in MODEL_CHECK_FILENAMES
+    )
+
+
+def _is_expo(config_yaml: str) -> bool:
+    import yaml
+
+    from mergekit_expo.plan.config import uses_expo
+
+    return uses_expo(yaml.safe_load(config_yaml))
+
+
+def _involves_expo(config_yaml: str, inputs: dict) -> bool:
+    """This step, or a step it reads that was merged now, is an expo merge (other multi files
+    behave as mergekit has them)."""
+    return _is_expo(config_yaml) or any(getattr(v, "expo", False) for v in inputs.values())
 
 
 def _stale_expo_step(config_yaml: str, out_path: str) -> bool:

@@ -30,7 +30,7 @@ def _checking_the_plan(original: Callable) -> Callable:
             return original(self, out_path, *args, **kwargs)
         from mergekit_expo.check.findings import raise_errors
         from mergekit_expo.check.merge_start import after_plan
-        from mergekit_expo.patches.staging import destination
+        from mergekit_expo.output.staging import destination
 
         config = self.config.model_copy(deep=True)  # the planner rewrites self.config
         tasks = original(self, out_path, *args, **kwargs)

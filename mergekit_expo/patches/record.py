@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from mergekit_expo.errors import ExpoError
+
 LOG = logging.getLogger("mergekit_expo")
 SUPPORTED = "mergekit-expo supports mergekit >=0.1.5,<0.2"
 MARK = "__mergekit_expo__"  # set on our wrappers (``apply.wrap_once``)
 
 
-class LostFeatureError(RuntimeError):
+class LostFeatureError(ExpoError, RuntimeError):
     """An expo merge (or a read) needs a feature that the installed mergekit does not allow."""
 
 

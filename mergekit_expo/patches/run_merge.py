@@ -1,5 +1,6 @@
-"""``mergekit.merge.run_merge``: an expo merge writes into a staging folder (``staging``) that
-moves into place only when complete, and is refused when it needs a lost feature."""
+"""``mergekit.merge.run_merge``: an expo merge is refused before anything is read when it needs
+a lost feature or would write over an input or another kind of artefact, and writes into a
+staging folder (``output.staging``) that moves into place only when complete."""
 
 from __future__ import annotations
 
@@ -35,15 +36,31 @@ def _staged(original: Callable) -> Callable:
 
         if not uses_expo(merge_config):
             return original(merge_config, out_path, options, config_source, *args, **kwargs)
+        from mergekit_expo.check.findings import raise_errors
+        from mergekit_expo.check.forecast import output_findings
+        from mergekit_expo.output.staging import staged
         from mergekit_expo.patches import reads
         from mergekit_expo.patches.card import merging
         from mergekit_expo.patches.record import refuse_lost
-        from mergekit_expo.patches.staging import staged
 
         refuse_lost(merge_config, verify=reads.RECORDS)
         if config_source is None:  # before mergekit rewrites the config into slices
             config_source = merge_config.to_yaml()
+        else:  # the config as written (mergekit-yaml): keys mergekit would drop are refused
+            raise_errors(_top_level_keys(config_source))
+        raise_errors(output_findings(merge_config, out_path))
         with merging(merge_config), staged(out_path) as staging:
             return original(merge_config, staging, options, config_source, *args, **kwargs)
 
     return run_merge
+
+
+def _top_level_keys(config_source: str) -> list:
+    """Top-level keys of the config as written that mergekit would drop (``paramters:``)."""
+    import yaml
+
+    from mergekit_expo.check.findings import errors
+    from mergekit_expo.plan.config import unknown_top_level_keys
+
+    raw = yaml.safe_load(config_source)
+    return errors(unknown_top_level_keys(raw, "the config")) if isinstance(raw, dict) else []

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType as frozen
 from typing import Any
 
+from mergekit_expo.errors import ExpoError
 from mergekit_expo.merge.parameters import (
     ALPHA,
     DEFAULT_ALPHA,
@@ -30,7 +31,7 @@ from mergekit_expo.plan.scopes import output_slices, scopes, setting_values
 from mergekit_expo.plan.types import Plan, SlicePlan, TensorPlan
 
 
-class PlanError(ValueError):
+class PlanError(ExpoError, ValueError):
     """The config cannot be merged as written; the message lists every reason, each naming the
     file, key or model."""
 

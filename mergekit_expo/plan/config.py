@@ -12,10 +12,11 @@ from typing import Any
 
 import yaml
 
+from mergekit_expo.errors import ExpoError
 from mergekit_expo.merge import METHOD_NAME
 
 
-class ConfigError(ValueError):
+class ConfigError(ExpoError, ValueError):
     """The config cannot be read as an expo merge; the message names the file or key."""
 
 

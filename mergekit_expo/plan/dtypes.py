@@ -12,6 +12,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from mergekit_expo.errors import ExpoError
+
 NAMES = ("bfloat16", "float16", "float32", "float64", "int64")
 FLOATS = ("float16", "bfloat16", "float32", "float64")
 ALIASES = {
@@ -26,7 +28,7 @@ ITEMSIZE = {
 }
 
 
-class DtypeError(ValueError):
+class DtypeError(ExpoError, ValueError):
     """A dtype name mergekit does not read; the message names the key and the right spelling."""
 
 

@@ -14,6 +14,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergekit_expo.errors import ExpoError
+
 # safetensors dtype codes -> torch dtype names (as mergekit's `dtype:` spells them)
 DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -26,7 +28,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ExpoError, ValueError):
     """A checkpoint file is missing, truncated or corrupt; the message names the file."""
 
 

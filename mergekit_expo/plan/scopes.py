@@ -8,6 +8,7 @@ walks it here, so that a place is always named the same way (``models[1]``,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,23 @@ def model_places(config: Any) -> list[tuple[str, Any]]:
     walk("", config)
     for name, module in (config.modules or {}).items():
         walk(f"modules.{name}.", module)
+    return found
+
+
+def local_inputs(config: Any) -> dict[str, str]:
+    """Every input on this machine's disk, labelled for messages (``models[0] (PATH)``): each
+    model's folder and LoRA adapter, and a tokenizer source given as a model."""
+    found: dict[str, str] = {}
+    references = list(model_places(config))
+    tokenizer = getattr(config, "tokenizer", None)
+    source = tokenizer.source if tokenizer is not None else config.tokenizer_source
+    if source is not None and hasattr(source, "model"):
+        references.append(("tokenizer.source", source))
+    for where, reference in references:
+        for path, what in ((reference.model.path, where),
+                           (reference.lora.path if reference.lora else None, f"{where} (LoRA)")):
+            if path is not None and os.path.exists(os.path.expanduser(path)):
+                found.setdefault(what, os.path.expanduser(path))
     return found
 
 

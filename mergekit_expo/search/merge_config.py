@@ -18,6 +18,7 @@ from typing import Any
 
 from mergekit_expo.check.findings import Finding
 from mergekit_expo.check.merge_start import after_plan, before_read
+from mergekit_expo.errors import ExpoError
 from mergekit_expo.merge.parameters import (
     ALPHA,
     DEFAULT_WARN_RELATIVE_CHANGE,
@@ -34,7 +35,7 @@ LOG = logging.getLogger("mergekit_expo")
 GRID_PARAMETERS = (ALPHA, LAMBDA)
 
 
-class SearchConfigError(ValueError):
+class SearchConfigError(ExpoError, ValueError):
     """The config cannot be searched as given; the message says what to change."""
 
 

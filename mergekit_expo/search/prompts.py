@@ -11,11 +11,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergekit_expo.errors import ExpoError
+
 PROMPT_EXAMPLE = '{"prompt": "How do I merge two models?"}'
 PAIR_EXAMPLE = '{"prompt": "Say hi.", "chosen": "Hello! How can I help?", "rejected": "no"}'
 
 
-class JsonlError(ValueError):
+class JsonlError(ExpoError, ValueError):
     """A JSONL record that cannot be used; the message names the file and the line."""
 
     def __init__(self, path: Path, line: int, problem: str, example: str):

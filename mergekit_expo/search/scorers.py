@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mergekit_expo.errors import ExpoError
 from mergekit_expo.search.prompts import Pair, file_digest
 from mergekit_expo.search.results import files_identity
 
 
-class ScorerError(ValueError):
+class ScorerError(ExpoError, ValueError):
     """The scorer cannot be loaded or returned something that is not a finite number."""
 
 

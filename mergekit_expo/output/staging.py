@@ -1,26 +1,30 @@
-"""The output folder holds the complete new model or no new file: stage, verify, move into place.
+"""The output folder holds the complete new artefact or no new file: stage, verify, move into place.
 
 mergekit writes into the output folder in place: an interrupted merge leaves complete-looking
 weights beside a truncated ``config.json``, and a re-run with another shard layout leaves the old
-``model.safetensors`` or index beside the new files. For expo merges, the ``run_merge`` patch
-runs mergekit's ``run_merge`` into a staging folder instead,
+``model.safetensors`` or index beside the new files. An expo merge (the ``run_merge`` patch) and
+``mergekit-expo lora`` write into a staging folder inside the output folder instead,
 
-    PARENT/.OUT.expo-staging-PID-XXXXXX/OUT/
+    OUT/.expo-staging-PID-XXXXXX/OUT/
 
-on the same filesystem (same name, so mergekit's model card names the model as before), then
-checks it (every JSON parses, every safetensors file is as long as its header says, the index
-names only shards that are there, tokenizer files are not empty, the tokenizer copy did not hit
-a disk error) and moves it into place file by file:
+(same name, so mergekit's model card names the model as before; inside OUT, so on OUT's own file
+system even when OUT is a mount point or its parent is read-only: every move is a rename on one
+file system, and a folder that cannot be written fails before anything is computed). The staged
+artefact is checked (every JSON parses, every safetensors file is as long as its header says, the
+index names only shards that are there, tokenizer files are not empty, the tokenizer copy did not
+hit a disk error) and moved into place file by file:
 
-1. the model files of the earlier merge in OUT (``config.json`` first, so that it stops loading
-   at once) go aside into ``PARENT/.OUT.expo-old-PID-XXXXXX/``;
-2. the new files move in, ``config.json`` last;
+1. the files of the earlier artefact of the same kind in OUT (its config first, so that it stops
+   loading at once) go aside into ``OUT/.expo-old-PID-XXXXXX/``;
+2. the new files move in, the config (``config.json``, ``adapter_config.json``) last;
 3. the set-aside files are deleted.
 
-A file in OUT that no model has (``.git``, notes) stays. SIGINT and SIGTERM are held during
-these renames (milliseconds) and delivered after them. Any failure before step 1 deletes the
-staging folder and leaves OUT untouched; SIGKILL leaves the staging folder, which the next expo
-merge into the same OUT deletes (when the process that made it is gone).
+A file in OUT that no loader reads (``.git``, notes) stays. SIGINT and SIGTERM are held during
+these renames (milliseconds); one that arrives then moves everything back, so OUT is as it was,
+and is delivered afterwards. Any failure before step 3 leaves OUT as it was (the staging folder
+is deleted, and OUT itself if the merge created it); SIGKILL leaves the hidden staging folder,
+which loads as nothing and which the next write into the same OUT deletes (when the process that
+made it is gone).
 
 Nothing is fsynced, as mergekit fsyncs nothing: these guarantees are about the process failing,
 and what it wrote stays in the kernel's page cache when it dies. Flushing the staged model
@@ -32,10 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -44,33 +48,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from mergekit_expo.errors import ExpoError
+from mergekit_expo.output.folder import Kind, OutputFolderError, path_problem, replaced
+
 LOG = logging.getLogger("mergekit_expo")
 
 STAGING = ".expo-staging-"
 ASIDE = ".expo-old-"
-# Files that belong to a model folder: replaced as a whole by the next merge into it.
-MODEL_FILES = frozenset(
-    {
-        "config.json",
-        "generation_config.json",
-        "README.md",
-        "mergekit_config.yml",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "tokenizer.model",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "merges.txt",
-        "vocab.json",
-        "vocab.txt",
-        "chat_template.jinja",
-        "chat_template.json",
-        "preprocessor_config.json",
-        "processor_config.json",
-        "video_preprocessor_config.json",
-    }
-)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+CONFIG = {"model": "config.json", "adapter": "adapter_config.json"}
 # Tokenizer files mergekit copies or writes; an empty one is a failed copy.
 TOKENIZER_FILES = frozenset(
     {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -80,7 +65,7 @@ TOKENIZER_FILES = frozenset(
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 
-class IncompleteOutputError(RuntimeError):
+class IncompleteOutputError(ExpoError, RuntimeError):
     """The staged model is not complete; nothing was moved into the output folder."""
 
 
@@ -93,83 +78,121 @@ class Terminated(BaseException):
 
 
 def is_model_file(name: str) -> bool:
-    return name in MODEL_FILES or name.endswith(WEIGHT_SUFFIXES)
+    return replaced(name, "model")
 
 
 def destination(path: str) -> str:
-    """The output folder a staged merge moves into (``PARENT/OUT`` for
-    ``PARENT/.OUT.expo-staging-…/OUT``); any other path as it is. Messages name this one."""
+    """The output folder a staged write moves into (``OUT`` for ``OUT/.expo-staging-…/OUT``);
+    any other path as it is. Messages name this one."""
     staged_in = Path(path).parent
-    if staged_in.name.startswith(f".{Path(path).name}{STAGING}"):
-        return str(staged_in.parent / Path(path).name)
+    if staged_in.name.startswith(STAGING) and staged_in.parent.name == Path(path).name:
+        return str(staged_in.parent)
     return path
 
 
 @contextlib.contextmanager
-def staged(out_path: str) -> Iterator[str]:
-    """Yield the staging folder to merge into; on success move the model into ``out_path``."""
-    from mergekit_expo.check.forecast import output_path_problem
-
+def staged(out_path: str | os.PathLike, kind: Kind = "model") -> Iterator[str]:
+    """Yield the staging folder to write a ``kind`` into; on success move it into ``out_path``."""
     out = Path(os.path.realpath(out_path))
-    problem = output_path_problem(out)
+    problem = path_problem(out)
     if problem:
-        raise NotADirectoryError(problem)
+        raise OutputFolderError(problem)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # fails here, before anything is computed
     remove_leftovers(out)
     tag = f"{os.getpid()}-{secrets.token_hex(3)}"
-    root = out.parent / f".{out.name}{STAGING}{tag}"
-    root.mkdir(parents=True)
+    root = out / f"{STAGING}{tag}"
+    root.mkdir()
     stage = root / out.name
     watcher = _TokenizerCopyWatcher()
     try:
         with _sigterm_raises(), watcher:
             yield str(stage)
             watcher.raise_disk_error()
-            verify(stage)
-            with _signals_held():
-                commit(stage, out, out.parent / f".{out.name}{ASIDE}{tag}")
+            verify(stage, kind)
+            with _signals_held() as received:
+                commit(stage, out, out / f"{ASIDE}{tag}", kind, cancelled=lambda: bool(received))
     except Terminated as terminated:
-        shutil.rmtree(root, ignore_errors=True)
+        _clean(root, out, created)
         LOG.error("interrupted by signal %d: %s left as it was", terminated.signum, out)
         signal.signal(terminated.signum, signal.SIG_DFL)
         os.kill(os.getpid(), terminated.signum)  # die of it, as without us
         raise
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    except Exception as error:
+        _clean(root, out, created)
+        why = disk_error(error)
+        if why is None:
+            raise
+        raise IncompleteOutputError(
+            f"writing {out} failed: {why}; {out} is as it was: free space (or raise the file "
+            "size limit) and run again"
+        ) from error
+    except BaseException:
+        _clean(root, out, created)
+        raise
+    _clean(root, out, created=False)
+
+
+def _clean(root: Path, out: Path, created: bool) -> None:
+    """Delete the staging folder, and the output folder if this write created it (and it is
+    empty again)."""
+    shutil.rmtree(root, ignore_errors=True)
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()
+
+
+def disk_error(error: BaseException) -> str | None:
+    """What a full disk, a file size limit or a read-only file system said, else None; also
+    through safetensors, whose errors carry the OS error only in their text (``os error 27``)."""
+    if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}"
+    found = re.search(r"os error (\d+)", str(error))
+    if found and int(found.group(1)) in DISK_ERRORS:
+        return os.strerror(int(found.group(1)))
+    return None
 
 
 def remove_leftovers(out: Path) -> None:
-    """Delete staging and set-aside folders of earlier merges into ``out`` whose process is gone."""
-    if not out.parent.is_dir():
+    """Delete staging and set-aside folders of earlier writes into ``out`` whose process is gone."""
+    if not out.is_dir():
         return
     for marker in (STAGING, ASIDE):
-        for path in out.parent.glob(f".{glob.escape(out.name)}{marker}*"):
-            pid = path.name[len(out.name) + 1 + len(marker):].split("-", 1)[0]
+        for path in out.glob(f"{marker}*"):
+            pid = path.name[len(marker):].split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                LOG.info("removing %s, left by an interrupted merge", path)
+                LOG.info("removing %s, left by an interrupted write", path)
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def commit(stage: Path, out: Path, aside: Path) -> None:
-    """Move the earlier model in ``out`` aside, the staged one in, then delete the earlier one.
+class Cancelled(KeyboardInterrupt):
+    """A signal arrived while files moved: everything was moved back."""
 
-    An error on the way moves back what was moved, so that ``out`` is as it was.
+
+def commit(stage: Path, out: Path, aside: Path, kind: Kind = "model",
+           cancelled=lambda: False) -> None:
+    """Move the earlier artefact in ``out`` aside, the staged one in, then delete the earlier one.
+
+    An error on the way, or ``cancelled()`` before the earlier files are deleted, moves back what
+    was moved, so that ``out`` is as it was.
     """
-    new = sorted(os.listdir(stage), key=lambda name: name == "config.json")  # config.json last
+    config = CONFIG[kind]
+    new = sorted(os.listdir(stage), key=lambda name: name == config)  # the config last
     moved: list[tuple[Path, Path]] = []
     try:
-        if out.is_dir():
-            old = [name for name in os.listdir(out) if is_model_file(name) or name in new]
-            old.sort(key=lambda name: name != "config.json")  # config.json first
-            if old:
-                aside.mkdir()
-            for name in old:
-                os.rename(out / name, aside / name)
-                moved.append((out / name, aside / name))
-        else:
-            out.mkdir()
+        old = [name for name in os.listdir(out) if replaced(name, kind) or name in new]
+        old.sort(key=lambda name: name != config)  # the config first
+        if old:
+            aside.mkdir()
+        for name in old:
+            os.rename(out / name, aside / name)
+            moved.append((out / name, aside / name))
         for name in new:
             os.rename(stage / name, out / name)
             moved.append((stage / name, out / name))
+        if cancelled():
+            raise Cancelled()
     except BaseException:
         for source, target in reversed(moved):
             with contextlib.suppress(OSError):
@@ -180,12 +203,12 @@ def commit(stage: Path, out: Path, aside: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def verify(folder: Path) -> None:
-    """Refuse a staged model that a loader would read wrongly or not at all."""
+def verify(folder: Path, kind: Kind = "model") -> None:
+    """Refuse a staged artefact that a loader would read wrongly or not at all."""
     names = set(os.listdir(folder)) if folder.is_dir() else set()
-    if "config.json" not in names:
+    if CONFIG[kind] not in names:
         raise IncompleteOutputError(
-            f"the merge wrote no config.json into {folder} (mergekit moved or removed its output)"
+            f"no {CONFIG[kind]} was written into {folder} (its writer moved or removed its output)"
         )
     for name in sorted(names):
         path = folder / name
@@ -258,18 +281,19 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM while files move, then act on them as before."""
-    if not _in_main_thread():
-        yield
-        return
+def _signals_held() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM while files move (yielding those received), then act on them as
+    before."""
     received: list[int] = []
+    if not _in_main_thread():
+        yield received
+        return
     previous = {
         signum: signal.signal(signum, lambda signum, frame: received.append(signum))
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        yield
+        yield received
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
