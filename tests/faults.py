@@ -94,9 +94,29 @@ def disk_full_while_copying_tokenizer():
     return stack
 
 
+def signal_while_moving(signum):
+    """Send ``signum`` as the first file of the finished merge moves into the output folder."""
+    import mergekit_expo.output.staging as staging
+
+    def make(original):
+        sent = []
+
+        def rename(source, target):
+            moving = ".expo-staging-" not in str(source) or ".expo-staging-" not in str(target)
+            if moving and not sent:
+                sent.append(signum)
+                os.kill(os.getpid(), signum)
+            return original(source, target)
+        return rename
+
+    return patched(staging.os, "rename", make)
+
+
 def fault(name: str):
     if name.endswith("_while_saving_config"):
         return signal_while_saving_config(SIGNALS[name.split("_")[0]])
+    if name.endswith("_while_moving"):
+        return signal_while_moving(SIGNALS[name.split("_")[0]])
     return {
         "disk_full_after_weights": disk_full_after_weights,
         "disk_full_while_copying_tokenizer": disk_full_while_copying_tokenizer,

@@ -138,6 +138,7 @@ def test_failed_first_merge_creates_no_model_files(zoo, tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.PretrainedConfig, "save_pretrained", broken_save)
     with pytest.raises(IncompleteOutputError, match="injected"):
         run_merge_in_process(config, out)
+    assert not out.exists()  # the merge created it, and removed it again
     assert model_files(out) == [] and leftovers(out) == []
 
 

@@ -261,7 +261,7 @@ def test_a_lost_feature_and_a_file_in_place_of_out_are_refused_by_check_as_by_th
     path = write_config(tmp_path / "c.yml", config)
     blocker = tmp_path / "out"
     blocker.write_text("a file")
-    with pytest.raises(NotADirectoryError) as raised:
+    with pytest.raises(ExpoConfigError) as raised:
         run_merge_in_process(config, blocker)
     checked = CliRunner().invoke(main, ["check", str(path), str(blocker)])
     assert checked.exit_code == 1 and f"ERROR: {raised.value}" in checked.output

@@ -311,7 +311,7 @@ def test_write_best_into_a_file_is_refused_before_any_candidate(fam, tmp_path, f
         "config": config, "out_dir": tmp_path / "search", "alphas": [0.2],
         "prompts": files["prompts"], "progress": False, "write_best": blocker,
         "scorer": {"kind": "callable", "function": "nonexistent_module:fn"}})
-    with pytest.raises(SearchConfigError, match="a file is in the way"):
+    with pytest.raises(SearchConfigError, match="exists and is not a folder"):
         run_search(settings)
     assert not (tmp_path / "search").exists()
 

@@ -194,10 +194,10 @@ def test_multimerge_checks_every_step_before_running_any(zoo, tmp_path):
         multimerge,
         [str(source), "-I", str(tmp_path / "steps"), "--out-path", str(tmp_path / "final")],
     )
-    assert result.exit_code != 0
-    assert isinstance(result.exception, ExpoConfigError)
-    assert "mergekit-multi step (final, unnamed)" in str(result.exception)
-    assert "did you mean `lambda`?" in str(result.exception)
+    assert result.exit_code == 1  # one block, no traceback
+    assert "mergekit-multi: refused by mergekit-expo" in result.output
+    assert "mergekit-multi step (final, unnamed)" in result.output
+    assert "did you mean `lambda`?" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "steps" / "step_one").exists()  # step one did not run either
 
 

@@ -42,7 +42,7 @@ def disk_findings(total: int, out_path: str | os.PathLike) -> tuple[tuple[Path, 
             Finding(
                 "error",
                 f"not enough free disk space for the output: about {total / 1e9:.3g} GB needed "
-                f"(+5 % margin), {free / 1e9:.3g} GB free at {existing}",
+                f"(+5 % margin), {free / 1e9:.3g} GB free for {Path(os.path.abspath(out_path))}",
             )
         )
     return (existing, free), findings

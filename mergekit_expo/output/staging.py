@@ -98,11 +98,19 @@ def staged(out_path: str | os.PathLike, kind: Kind = "model") -> Iterator[str]:
     if problem:
         raise OutputFolderError(problem)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)  # fails here, before anything is computed
-    remove_leftovers(out)
     tag = f"{os.getpid()}-{secrets.token_hex(3)}"
     root = out / f"{STAGING}{tag}"
-    root.mkdir()
+    try:  # a folder that cannot be written fails here, before anything is computed
+        out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out)
+        root.mkdir()
+    except OSError as error:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise OutputFolderError(
+            f"cannot write into {out}: {error.strerror}; choose a folder you can write to"
+        ) from error
     stage = root / out.name
     watcher = _TokenizerCopyWatcher()
     try:

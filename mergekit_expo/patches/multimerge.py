@@ -95,7 +95,8 @@ def _rerunning_stale_steps(original: Callable) -> Callable:
     def execute(self, *args, **kwargs):
         redo = self
         fresh = sorted(k for k, v in kwargs.items() if isinstance(v, MergedNow))
-        if self.lazy and fresh and _involves_expo(self.config_yaml, kwargs):
+        if self.lazy and fresh and _done(self.out_path) and _involves_expo(self.config_yaml,
+                                                                            kwargs):
             LOG.warning(
                 "mergekit-multi step %s: merging it again, as %s was merged in this run",
                 self.name, ", ".join(fresh),

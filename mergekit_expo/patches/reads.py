@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from mergekit_expo.patches.record import MARK, Call, Internal, every_expo_merge, read
+from mergekit_expo.patches.record import MARK, Call, Internal, every_expo_merge, find, read
 
 OUT_CONFIG = Internal(
     "mergekit.merge", "_model_out_config",
@@ -105,6 +105,23 @@ def loader_cache_for(options: Any) -> Iterator[None]:
             cache.loaders.pop(model).flush()
         for name, value in settings.items():
             setattr(cache, name, value)
+
+
+def forget_loaders(folder: str) -> None:
+    """Drop mergekit's cached loaders of ``folder``, whose files a merge has just replaced: a
+    later merge in this process (a ``mergekit-multi`` step reading it, the Python API) reads
+    the new files, not the set-aside ones its loader still holds open."""
+    import os
+
+    if find(LOADER_CACHE)[1] is not None:
+        return  # lost (and said so): mergekit's cache stays as mergekit keeps it
+    from mergekit.io.tasks import LoaderCache
+
+    cache, target = LoaderCache(), os.path.realpath(folder)
+    for model in list(cache.loaders):
+        path = getattr(getattr(model, "model", None), "path", None)
+        if path is not None and os.path.realpath(os.path.expanduser(path)) == target:
+            cache.loaders.pop(model).flush()
 
 
 def set_chat_template(tokenizer: Any, config: Any) -> None:

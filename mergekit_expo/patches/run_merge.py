@@ -50,7 +50,9 @@ def _staged(original: Callable) -> Callable:
             raise_errors(_top_level_keys(config_source))
         raise_errors(output_findings(merge_config, out_path))
         with merging(merge_config), staged(out_path) as staging:
-            return original(merge_config, staging, options, config_source, *args, **kwargs)
+            result = original(merge_config, staging, options, config_source, *args, **kwargs)
+        reads.forget_loaders(out_path)
+        return result
 
     return run_merge
 

@@ -189,14 +189,16 @@ def rehearse_best(search: SearchConfig, settings: SearchSettings, groups: list[G
 
 def refuse_write_best_target(search: SearchConfig, out: Path) -> None:
     """What would stop ``--write-best`` after the search, refused before the first candidate:
-    a file in the way, a folder that cannot be written, too little free disk space."""
+    what the merge refuses of an output folder (a file in the way, an input's folder, another
+    kind of artefact), a folder that cannot be written, too little free disk space."""
     import os
 
-    from mergekit_expo.check.forecast import disk_findings
+    from mergekit_expo.check.forecast import disk_findings, output_findings
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SearchConfigError(f"--write-best {out}: a file is in the way (give a folder)")
+    refused = [f.message for f in output_findings(search.plan.config, out)]
+    if refused:
+        raise SearchConfigError(f"--write-best {out}: " + "; ".join(refused))
     existing = out.resolve()
     while not existing.exists():
         existing = existing.parent
