@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,8 +64,8 @@ def command(inputs, out: Path, *extra: str) -> list[str]:
             "--batch-size", str(FAST["batch_size"]), "--no-progress", *extra]
 
 
-def search(args: list[str], *, file_limit: int | None = None,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def start(args: list[str], *, file_limit: int | None = None,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     """The real command in a child process; ``file_limit``: ``ulimit -f`` in bytes, so that a
     write past it fails as on a full disk (EFBIG, with SIGXFSZ ignored as Python does)."""
 
@@ -72,19 +73,20 @@ def search(args: list[str], *, file_limit: int | None = None,
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, resource.RLIM_INFINITY))
 
-    return subprocess.run(
-        args, capture_output=True, text=True, timeout=600,
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         preexec_fn=limit if file_limit is not None else None,
     )
 
 
-def one_line_error(result: subprocess.CompletedProcess) -> str:
+def one_line_error(process: subprocess.Popen) -> str:
     """The command failed with one ``Error:`` line and no traceback; that line."""
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.stderr[-3000:]
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, stderr[-3000:]
     return errors[0]
 
 
@@ -98,84 +100,93 @@ def settings(inputs, out: Path, **overrides) -> SearchSettings:
 
 
 @pytest.fixture(scope="module")
-def finished(inputs, tmp_path_factory) -> Path:
-    """The same search with room to write: the sizes of its files, and its rows to compare."""
-    out = tmp_path_factory.mktemp("finished") / "search"
-    result = search(command(inputs, out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+def runs(inputs, zoo, tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """The failing commands, started together (each is mostly its start-up): name → (process,
+    its OUT_DIR). An earlier run's plot and best adapter are in place where they must go."""
+    from test_lora import make_adapter
 
+    root = tmp_path_factory.mktemp("failing")
+    outs = {name: root / name / "search" for name in ("scorer", "plot", "merge", "adapter")}
+    for out in outs.values():
+        out.mkdir(parents=True)
+    (outs["plot"] / "search.png").write_bytes(b"an earlier run's plot")
+    (outs["adapter"] / "best_adapter").mkdir()
+    (outs["adapter"] / "best_adapter" / "adapter_config.json").write_text("{}")
 
-def leftovers(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if ".partial-" in p.name)
+    base = zoo.base("lora_sft", hidden=64, seed=7)
+    adapter = make_adapter(base, root / "dpo", seed=32)
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(
+        json.dumps({"prompt": p, "chosen": " helpful and honest.", "rejected": " 0 1 2"}) + "\n"
+        for p in PROMPTS))
+    config = write_config(root / "adapter.yml", {"merge_method": "expo", "base_model": str(base),
+                                                 "models": [{"model": f"{base}+{adapter}"}]})
+    weights = (adapter / "adapter_model.safetensors").stat().st_size
+    processes = {
+        # the second candidate (α = 0.3), its second prompt: call 3 + 2
+        "scorer": start(command(inputs, outs["scorer"]), env={"FAIL_ON_CALL": "5"}),
+        # above results.jsonl and best.yml, below the PNG (about 50 kB)
+        "plot": start(command(inputs, outs["plot"]), file_limit=20_000),
+        # above the PNG, below the merged model's weights (250 kB)
+        "merge": start(command(inputs, outs["merge"], "--write-best",
+                               str(outs["merge"].parent / "merged")),
+                       file_limit=120_000),
+        "adapter": start([str(BIN / "mergekit-expo"), "search", str(config), str(outs["adapter"]),
+                          "--pairs", str(pairs), "--alpha", "0.4", "--no-progress"],
+                         file_limit=weights // 2),
+    }
+    yield {name: (process, outs[name]) for name, process in processes.items()}
+    for process in processes.values():
+        process.kill()
+        process.communicate()
 
 
 # -- a full disk -------------------------------------------------------------------------------
 
 
 def test_full_disk_while_appending_a_row_keeps_the_rows_before_and_resumes(
-    inputs, finished, tmp_path
+    inputs, runs, tmp_path
 ):
-    rows = (finished / "results.jsonl").read_bytes().splitlines(keepends=True)
+    process, earlier = runs["scorer"]
+    process.wait(timeout=600)
     out = tmp_path / "search"
-    result = search(command(inputs, out), file_limit=len(rows[0]) + len(rows[1]) // 2)
-    line = one_line_error(result)
+    shutil.copytree(earlier, out)  # a run that finished α = 0.1
+    before = (out / "results.jsonl").read_bytes()
+    assert len(before.splitlines()) == 1
+    line = one_line_error(start(command(inputs, out), file_limit=len(before) * 3 // 2))
     assert line.startswith(f"Error: cannot write {out / 'results.jsonl'}: File too large (EFBIG)")
     assert "run the same command again to resume" in line
-    # the first candidate's row, whole; nothing of the second (the cut-off row was removed)
-    kept = (out / "results.jsonl").read_bytes()
-    assert kept.endswith(b"\n") and len(kept.splitlines()) == 1
-    assert json.loads(kept)["scores"] == json.loads(rows[0])["scores"]
-    assert not (out / "best.yml").exists() and not (out / "search.png").exists()
+    # the row of α = 0.3 did not fit: cut off again, the row before it whole
+    assert (out / "results.jsonl").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["results.jsonl"]
     resumed = run_search(settings(inputs, out))
     assert resumed.skipped == 1 and resumed.evaluated == 2
 
 
-def test_full_disk_while_plotting_leaves_best_yml_and_no_partial_plot(inputs, finished, tmp_path):
-    results, plot = (finished / name for name in ("results.jsonl", "search.png"))
-    assert results.stat().st_size < 20_000 < plot.stat().st_size
-    out = tmp_path / "search"
-    out.mkdir()
-    (out / "search.png").write_bytes(b"an earlier run's plot")
-    line = one_line_error(search(command(inputs, out), file_limit=20_000))
+def test_full_disk_while_plotting_leaves_best_yml_and_no_partial_plot(runs):
+    process, out = runs["plot"]
+    line = one_line_error(process)
     assert line.startswith(f"Error: cannot write {out / 'search.png'}: File too large (EFBIG)")
-    # best.yml is written before the plot; no plot at all rather than a cut or stale one
-    best = yaml.safe_load((out / "best.yml").read_text())
-    assert best == yaml.safe_load((finished / "best.yml").read_text())
+    # best.yml is written before the plot; no plot at all rather than a cut or an earlier one
     assert sorted(p.name for p in out.iterdir()) == ["best.yml", "results.jsonl"]
-    assert len((out / "results.jsonl").read_text().splitlines()) == 3
+    rows = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines()]
+    winner = max(rows, key=lambda r: r["mean"])
+    assert len(rows) == 3 and yaml.safe_load((out / "best.yml").read_text())["parameters"] == {
+        "alpha": winner["alpha"]}
 
 
-def test_full_disk_while_write_best_merges_names_the_folder(inputs, finished, tmp_path):
-    plot = (finished / "search.png").stat().st_size
-    assert plot < 120_000 < (Path(yaml.safe_load(inputs["config"].read_text())["base_model"])
-                             / "model.safetensors").stat().st_size
-    out, merged = tmp_path / "search", tmp_path / "merged"
-    line = one_line_error(search(command(inputs, out, "--write-best", str(merged)),
-                                 file_limit=120_000))
+def test_full_disk_while_write_best_merges_names_the_folder(runs):
+    process, out = runs["merge"]
+    merged = out.parent / "merged"
+    line = one_line_error(process)
     assert line.startswith(f"Error: cannot write {merged}: File too large (EFBIG)")
     assert not (merged / "config.json").exists()  # the merge is staged: nothing that loads
     assert sorted(p.name for p in out.iterdir()) == ["best.yml", "results.jsonl", "search.png"]
 
 
-def test_full_disk_while_writing_the_best_adapter_leaves_no_adapter(zoo, tmp_path):
-    from test_lora import make_adapter
-
-    base = zoo.base("lora_sft", hidden=64, seed=7)
-    adapter = make_adapter(base, tmp_path / "dpo", seed=32)
-    weights = (adapter / "adapter_model.safetensors").stat().st_size
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(
-        json.dumps({"prompt": p, "chosen": " helpful and honest.", "rejected": " 0 1 2"}) + "\n"
-        for p in PROMPTS))
-    config = write_config(tmp_path / "c.yml", {"merge_method": "expo", "base_model": str(base),
-                                               "models": [{"model": f"{base}+{adapter}"}]})
-    out = tmp_path / "search"
-    (out / "best_adapter").mkdir(parents=True)  # an earlier run's winner
-    (out / "best_adapter" / "adapter_config.json").write_text("{}")
-    result = search([str(BIN / "mergekit-expo"), "search", str(config), str(out), "--pairs",
-                     str(pairs), "--alpha", "0.4", "--no-progress"], file_limit=weights // 2)
-    line = one_line_error(result)
+def test_full_disk_while_writing_the_best_adapter_leaves_no_adapter(runs):
+    process, out = runs["adapter"]
+    line = one_line_error(process)
     assert line.startswith(f"Error: cannot write {out / 'best_adapter'}: File too large (EFBIG)")
     # best.yml first; then neither a partial adapter nor the earlier one
     assert sorted(p.name for p in out.iterdir()) == ["best.yml", "results.jsonl"]
@@ -194,16 +205,17 @@ def test_an_out_dir_that_cannot_be_made_is_named(inputs, tmp_path):
 
 
 def test_a_scorer_that_raises_names_candidate_prompt_and_scorer_and_keeps_rows(
-    inputs, tmp_path
+    inputs, runs, tmp_path
 ):
-    out = tmp_path / "search"
-    # the second candidate (α = 0.3), its second prompt: call 3 + 2
-    line = one_line_error(search(command(inputs, out), env={"FAIL_ON_CALL": "5"}))
+    process, earlier = runs["scorer"]
+    line = one_line_error(process)
     assert line == (
         f"Error: α = 0.3, λ = 0: scorer {inputs['scorer']}:score raised KeyError: 'judge' at "
         "scorer.py:10 on prompt 2 of 3 ('User: how do I merge two models? Assista…'); 1 finished "
-        f"candidate kept in {out / 'results.jsonl'}; the same command resumes from there"
+        f"candidate kept in {earlier / 'results.jsonl'}; the same command resumes from there"
     )
+    out = tmp_path / "search"
+    shutil.copytree(earlier, out)
     assert [json.loads(r)["alpha"] for r in (out / "results.jsonl").read_text().splitlines()] \
         == [0.1]
     resumed = run_search(settings(inputs, out))
@@ -246,3 +258,19 @@ def test_an_instance_scorer_and_guard_are_keyed_by_their_class_source(
         path.write_text(path.read_text().replace("len(response)", "len(response.split())"))
         assert run_search(run).evaluated == 2, module
     assert run_search(run).evaluated == 0
+
+
+def test_a_guard_that_raises_is_named_as_the_guard(inputs, tmp_path):
+    from mergekit_expo.search.scorers import ScorerError
+
+    guard = tmp_path / "guard.py"
+    guard.write_text("def guard(prompt, response):\n    return 1 / 0\n")
+    run = settings(inputs, tmp_path / "search", alphas=[0.3], limit=1, guard=f"{guard}:guard")
+    with pytest.raises(ScorerError) as error:
+        run_search(run)
+    assert str(error.value) == (  # θ_T, the guard's baseline, comes first
+        f"α = 0, λ = 0: guard {guard}:guard raised ZeroDivisionError: division by zero at "
+        f"guard.py:2 on prompt 1 of 1 ('The assistant answers the question'); 0 finished "
+        f"candidates kept in {tmp_path / 'search' / 'results.jsonl'}; the same command resumes "
+        "from there"
+    )

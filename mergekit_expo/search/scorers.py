@@ -342,11 +342,15 @@ def _exec_file(path: Path):
 
 
 def _raised_at(error: BaseException) -> str:
-    """`` at file.py:12``, the innermost frame of the traceback (in the scorer's code)."""
+    """`` at file.py:12``: the innermost line of the scorer's code that raised (frames of the
+    standard library and installed packages left out, unless there are no others)."""
+    import sysconfig
     import traceback
 
-    frames = traceback.extract_tb(error.__traceback__)
-    return f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    frames = traceback.extract_tb(error.__traceback__)[1:]  # [0]: our call of the scorer
+    installed = tuple({sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")})
+    own = [frame for frame in frames if not frame.filename.startswith(installed)] or frames
+    return f" at {Path(own[-1].filename).name}:{own[-1].lineno}" if own else ""
 
 
 def _opening(text: Any, width: int = 40) -> str:
