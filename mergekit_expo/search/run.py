@@ -304,8 +304,8 @@ class _Session:
 
     def score(self, head: dict[str, Any], values) -> dict[str, Any]:
         """Score one candidate, append its row to the results file and return it."""
-        evaluator = self.get()
         started = time.perf_counter()
+        evaluator = self.get()
         try:
             row = {**head, **evaluator.measure(values)}
         except ScorerError as error:  # the scorer's own code raised: what it was scoring
