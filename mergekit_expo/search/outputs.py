@@ -69,8 +69,9 @@ def write_file(path: Path, write: Callable[[Path], object]) -> Path:
         write(temp)
         os.replace(temp, path)
     except BaseException as error:
-        _remove(temp)
-        _remove(path)
+        temp.unlink(missing_ok=True)
+        if path.is_file() or path.is_symlink():  # never a folder someone put there
+            path.unlink()
         # only this file is touched here: any OSError is one of writing it
         failure = error if isinstance(error, OSError) else write_failure(error)
         if failure is None:
