@@ -221,6 +221,7 @@ def search(config: Path, out_dir: Path, **options) -> None:
 
     from mergekit_expo.merge.guards import NonFiniteError
     from mergekit_expo.search.merge_config import SearchConfigError
+    from mergekit_expo.search.outputs import OutputWriteError
     from mergekit_expo.search.prompts import JsonlError
     from mergekit_expo.search.run import describe, run_search
     from mergekit_expo.search.scorers import ScorerError
@@ -274,8 +275,9 @@ def search(config: Path, out_dir: Path, **options) -> None:
         raise click.UsageError(str(error)) from None
     try:
         report = run_search(settings)
-    except (SearchConfigError, JsonlError, ScorerError, NonFiniteError, FileNotFoundError) as error:
-        # these name the file and line, the tensor or the setting: no traceback needed
+    except (SearchConfigError, JsonlError, ScorerError, NonFiniteError, FileNotFoundError,
+            OutputWriteError) as error:
+        # these name the file and line, the tensor, the setting or the candidate: no traceback
         raise click.ClickException(str(error)) from None
 
     click.echo("\nCandidates (mean score ± standard error):")

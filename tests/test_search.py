@@ -453,7 +453,10 @@ def test_cli_search_runs_and_reports_bad_input_with_line(family, tmp_path, promp
     assert result.exit_code == 2 and "top_p" in result.output
     result = runner.invoke(main, [*base[:4], "search_scorer_mod:broken", *base[5:],
                                   "--prompts", str(prompts_file), "--alpha", "0.9"])
-    assert result.exit_code == 1 and "returned 'high'" in result.output
+    assert result.exit_code == 1 and (
+        "Error: α = 0.9, λ = 0: search_scorer_mod:broken returned 'high' (str) for item 0; a "
+        "scorer must return a number; 0 finished candidates kept in "
+    ) in result.output
 
 
 def test_configs_the_search_cannot_reproduce_are_refused(family, zoo, tmp_path, prompts_file):

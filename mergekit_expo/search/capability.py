@@ -34,7 +34,7 @@ def parse_guard(spec: str, *, device: str = "cpu", batch_size: int = 8):
         return LogLikelihoodGuard(Path(rest), batch_size=batch_size)
     if Path(spec).is_dir():
         return ResponseGuard(RewardModelScorer(spec, device=device, batch_size=batch_size))
-    return ResponseGuard(CallableScorer(spec))
+    return ResponseGuard(CallableScorer(spec, role="guard"))
 
 
 class ResponseGuard:

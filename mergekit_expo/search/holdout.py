@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_expo.search.merge_config import SearchConfigError
-from mergekit_expo.search.results import ResultsFile, settings_key
+from mergekit_expo.search.results import ResultsFile, candidate_text, settings_key
+from mergekit_expo.search.scorers import ScorerError
 
 HOLDOUT_NAME = "holdout.jsonl"
 
@@ -73,7 +74,11 @@ def _measure_holdout(session, data, row, cache, make_scorer) -> dict[str, Any]:
         values = {g: tuple(v) for g, v in row["groups"].items()}
     else:
         values = dict.fromkeys(set(session.assignment.values()), (row["alpha"], row["lambda"]))
-    measured = evaluator.measure(values, scorer=scorer, data=data, sampler=sampler)
+    try:
+        measured = evaluator.measure(values, scorer=scorer, data=data, sampler=sampler)
+    except ScorerError as error:  # the scorer's own code raised: what it was scoring
+        raise ScorerError(f"the hold-out of {candidate_text(row)}: {error}; "
+                          f"{session.results.resume_note()}") from error
     head = {"alpha": row.get("alpha"), "lambda": row.get("lambda")}
     if row.get("groups") is not None:
         head["groups"] = row["groups"]

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mergekit_expo.search.outputs import make_folder, write_file
+
 
 def plot_search(
     rows: Sequence[dict[str, Any]],
@@ -115,8 +117,8 @@ def plot_guard(
 
 
 def _save(figure, out: str | Path) -> Path:
+    """The PNG, moved into place when complete: a full disk leaves no partial or stale plot."""
     figure.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out)
-    return out
+    make_folder(out.parent)
+    return write_file(out, figure.savefig)

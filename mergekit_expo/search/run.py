@@ -24,8 +24,22 @@ from mergekit_expo.search.capability import make_guard
 from mergekit_expo.search.groups import Group, groups_of, winner_config
 from mergekit_expo.search.holdout import score_holdout, split_holdout
 from mergekit_expo.search.merge_config import SearchConfig, SearchConfigError, best_config
+from mergekit_expo.search.outputs import (
+    OutputWriteError,
+    make_folder,
+    write_failure,
+    write_folder,
+    write_text,
+)
 from mergekit_expo.search.prompts import file_digest
-from mergekit_expo.search.results import ResultsFile, files_identity, settings_key
+from mergekit_expo.search.results import (
+    ResultsFile,
+    candidate_text,
+    describe_groups,  # noqa: F401 - imported from here by the CLI
+    files_identity,
+    settings_key,
+)
+from mergekit_expo.search.scorers import ScorerError
 from mergekit_expo.search.settings import SearchSettings
 from mergekit_expo.search.trials import lambda_searched, search_trials
 
@@ -80,8 +94,7 @@ def run_search(settings: SearchSettings) -> SearchReport:
     guard = make_guard(settings, scorer)
     groups, assignment = groups_of(settings, search)
     rehearse_best(search, settings, groups, assignment, grid)
-    out_dir = settings.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(settings.out_dir)
     key_settings = _key_settings(settings, search, scorer)
     key_settings |= extended_key(settings, groups, guard)
     results = ResultsFile(out_dir / RESULTS_NAME, settings_key(key_settings))
@@ -112,20 +125,15 @@ def run_search(settings: SearchSettings) -> SearchReport:
         winner = pick_guarded_winner(everything)
     else:
         winner = pick_winner(everything)
-    score_label = _score_label(settings)
-    plot = _plot(rows, out_dir / PLOT_NAME, winner if winner in rows else None, score_label)
     report = SearchReport(
-        rows=rows, winner=winner, results=results.path, plot=plot, best_config=None,
+        rows=rows, winner=winner, results=results.path, plot=None, best_config=None,
         skipped=skipped, notes=search.notes, trials=trials,
     )
-    if guard is not None:
-        report.guard_plot = _guard_plot(everything, out_dir / GUARD_PLOT_NAME, winner,
-                                        score_label, settings)
-    if winner is not None:
+    if winner is not None:  # the winner's files first, the plots after them
         best = winner_config(search, winner, groups, assignment)
         verify_winner(search, best, winner, assignment)
-        report.best_config = out_dir / BEST_CONFIG_NAME
-        report.best_config.write_text(yaml.safe_dump(best, sort_keys=False), encoding="utf-8")
+        report.best_config = write_text(out_dir / BEST_CONFIG_NAME,
+                                        yaml.safe_dump(best, sort_keys=False))
         report.merge_command = merge_command(search, report.best_config, out_dir)
         if holdout_data is not None:
             uniform = [r for r in rows if r is not None]
@@ -138,6 +146,12 @@ def run_search(settings: SearchSettings) -> SearchReport:
             report.adapter = write_best_adapter(
                 search, winner["alpha"], winner["lambda"], out_dir / BEST_ADAPTER_NAME
             )
+    score_label = _score_label(settings)
+    report.plot = _plot(rows, out_dir / PLOT_NAME, winner if winner in rows else None, score_label)
+    if guard is not None:
+        report.guard_plot = _guard_plot(everything, out_dir / GUARD_PLOT_NAME, winner,
+                                        score_label, settings)
+    if winner is not None:
         if settings.write_best is not None:
             scorer = guard = session.scorer = session.guard = session.evaluator = None
             gc.collect()
@@ -232,11 +246,17 @@ def write_best(config_path: Path, out: Path, settings: SearchSettings) -> Path:
     # on the CPU, as the search computed the candidate: the winner is then bit for bit the same
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="expo-lora-") as cache:  # for `BASE+ADAPTER` inputs
-        options = MergeOptions(
-            copy_tokenizer=True, quiet=not settings.progress, lora_merge_cache=cache
-        )
-        run_merge(config, str(out), options=options, config_source=text)
+    try:
+        with tempfile.TemporaryDirectory(prefix="expo-lora-") as cache:  # `BASE+ADAPTER` inputs
+            options = MergeOptions(
+                copy_tokenizer=True, quiet=not settings.progress, lora_merge_cache=cache
+            )
+            run_merge(config, str(out), options=options, config_source=text)
+    except Exception as error:  # OUT is as it was: the merge is staged (docs/failures.md)
+        failure = write_failure(error)
+        if failure is None:
+            raise
+        raise OutputWriteError(out, failure) from error
     return out
 
 
@@ -249,11 +269,11 @@ def write_best_adapter(search: SearchConfig, alpha: float, lam: float, out: Path
         search.final.lora.path
     ]
     reference = search.reference.lora.path if search.reference.lora else None
-    try:
-        return expo_adapter(
-            adapters, out, alpha=alpha, lam=lam, reference_adapter=reference,
+    try:  # staged beside OUT_DIR/best_adapter: a full disk leaves no partial or stale adapter
+        return write_folder(out, lambda staged: expo_adapter(
+            adapters, staged, alpha=alpha, lam=lam, reference_adapter=reference,
             base=search.final.model.path,
-        )
+        ))
     except AdapterError as error:
         LOG.warning("expo search: the winner is not written as an adapter: %s", error)
         return None
@@ -287,7 +307,13 @@ class _Session:
     def score(self, head: dict[str, Any], values) -> dict[str, Any]:
         """Score one candidate, append its row to the results file and return it."""
         started = time.perf_counter()
-        row = {**head, **self.get().measure(values)}
+        evaluator = self.get()
+        try:
+            row = {**head, **evaluator.measure(values)}
+        except ScorerError as error:  # the scorer's own code raised: what it was scoring
+            raise ScorerError(
+                f"{candidate_text(head)}: {error}; {self.results.resume_note()}"
+            ) from error
         row["seconds"] = round(time.perf_counter() - started, 3)
         row["mergekit_expo"] = __version__
         row["settings"] = self.key_settings
@@ -324,10 +350,7 @@ def update_summary(evaluator) -> str:
 
 def describe(row: dict[str, Any]) -> str:
     """One line per candidate for the console."""
-    if row.get("groups") is not None:
-        head = f"trial {row.get('trial', '?')} ({describe_groups(row['groups'])}): "
-    else:
-        head = f"α = {row['alpha']:g}, λ = {row['lambda']:g}: "
+    head = candidate_text(row) + ": "
     if row.get("mean") is None:
         return head + f"failed ({row.get('error', 'no score')})"
     text = head + f"score {row['mean']:.4g} ± {row['sem']:.2g} (sd {row['std']:.3g}, n {row['n']})"
@@ -340,17 +363,6 @@ def describe(row: dict[str, Any]) -> str:
     if row.get("update_seconds") is not None:
         text += f", weights updated in {row['update_seconds']:.2f} s"
     return text + f", {row['seconds']:.1f} s"
-
-
-def describe_groups(groups: dict[str, list[float]]) -> str:
-    """``attention α 0.4, mlp α 0.25`` (λ too when any group has one)."""
-    with_lambda = any(v[1] for v in groups.values())
-    return ", ".join(
-        f"{name} α {v[0]:g}" + (f" λ {v[1]:g}" if with_lambda else "") for name, v in groups.items()
-    )
-
-
-# -- setup ---------------------------------------------------------------------------------
 
 
 def _check_grid(search: SearchConfig, lambdas: list[float]) -> None:

@@ -61,17 +61,29 @@ class Scores:
 
 
 class CallableScorer:
-    """``module:function`` or ``path/to/file.py:function``, called as f(prompt, response)."""
+    """``module:function`` or ``path/to/file.py:function``, called as f(prompt, response).
+
+    The "function" may be any callable object, e.g. an instance of a class with ``__call__``:
+    its identity then holds the source files of its class (and the class's bases), besides the
+    file the object is made in, so that editing the class starts fresh rows.
+    """
 
     generates = True
 
-    def __init__(self, spec: str):
-        self.spec = spec
+    def __init__(self, spec: str, *, role: str = "scorer"):
+        self.spec, self.role = spec, role  # role: "scorer" or "guard", for messages
         self.function, self.source = load_callable(spec)
 
     def identity(self) -> dict[str, Any]:
         source = file_digest(self.source) if self.source else None
-        return {"kind": "callable", "function": self.spec, "source_sha256": source}
+        identity = {"kind": "callable", "function": self.spec, "source_sha256": source}
+        if not inspect.isroutine(self.function):  # an object: its class's code scores too
+            cls = type(self.function)
+            identity["class"] = f"{cls.__module__}.{cls.__qualname__}"
+            identity["class_sources_sha256"] = {
+                str(path): file_digest(path) for path in class_sources(cls)
+            }
+        return identity
 
     def prepare(self, *, progress: bool = True) -> None:
         """Nothing to load: the function was imported to fail early on a bad spec."""
@@ -82,7 +94,15 @@ class CallableScorer:
         for index, (prompt, response) in enumerate(
             tqdm(pairs, total=len(prompts), desc="Scoring", disable=not progress, leave=False)
         ):
-            values.append(_finite(self.function(prompt, response), self.spec, index))
+            try:
+                value = self.function(prompt, response)
+            except Exception as error:  # the user's code: say where, on what, not a traceback
+                raise ScorerError(
+                    f"{self.role} {self.spec} raised {type(error).__name__}: "
+                    f"{' '.join(str(error).split())}{_raised_at(error)} on prompt {index + 1} "
+                    f"of {len(prompts)} ({_opening(prompt)})"
+                ) from error
+            values.append(_finite(value, self.spec, index))
         return Scores(values)
 
 
@@ -277,11 +297,25 @@ def load_callable(spec: str) -> tuple[Callable[[str, str], float], Path | None]:
     function = getattr(module, attribute, None)
     if not callable(function):
         raise ScorerError(f"scorer {spec!r}: {module_name} has no function {attribute!r}")
-    try:
-        source = inspect.getsourcefile(function)
+    try:  # a function's own file; for another callable object, the file that made it
+        source = inspect.getsourcefile(function if inspect.isroutine(function) else module)
     except TypeError:
         source = None
     return function, Path(source) if source else None
+
+
+def class_sources(cls: type) -> list[Path]:
+    """The Python files that define ``cls`` and its bases (those with Python code of their own),
+    found through their functions' code, so that a class of a scorer file loaded by path (no
+    longer in ``sys.modules``) is found too."""
+    files = set()
+    for klass in cls.__mro__:
+        for value in vars(klass).values():
+            value = getattr(value, "__func__", value)  # classmethod, staticmethod
+            code = getattr(value, "__code__", None)
+            if code is not None and Path(code.co_filename).is_file():
+                files.add(Path(code.co_filename).resolve())
+    return sorted(files)
 
 
 def _exec_file(path: Path):
@@ -306,6 +340,24 @@ def _exec_file(path: Path):
         else:
             sys.modules[name] = previous
     return module
+
+
+def _raised_at(error: BaseException) -> str:
+    """`` at file.py:12``: the innermost line of the scorer's code that raised (frames of the
+    standard library and installed packages left out, unless there are no others)."""
+    import sysconfig
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)[1:]  # [0]: our call of the scorer
+    installed = tuple({sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")})
+    own = [frame for frame in frames if not frame.filename.startswith(installed)] or frames
+    return f" at {Path(own[-1].filename).name}:{own[-1].lineno}" if own else ""
+
+
+def _opening(text: Any, width: int = 40) -> str:
+    """The first characters of a prompt, quoted, for a message of one line."""
+    text = " ".join(str(text).split())
+    return repr(text if len(text) <= width else text[:width] + "…")
 
 
 def _finite(value: Any, who: str, index: int) -> float:
