@@ -23,8 +23,8 @@ from pathlib import Path
 from mergekit_expo.lora.adapter import Adapter, AdapterError, base_shapes, read_base_tensors
 from mergekit_expo.merge.guards import relative_change
 
-# problems listed in full before the rest are counted
-SHOWN = 5
+# shape problems listed in full before the rest are counted
+SHOWN = 3
 
 
 def check_base(adapters: list[Adapter], base: str | Path, *, ignore_name: bool,
@@ -32,12 +32,17 @@ def check_base(adapters: list[Adapter], base: str | Path, *, ignore_name: bool,
     """Refuse ``base`` (θ₀'s folder) unless it is the model every adapter was trained over."""
     base = Path(base)
     problems = [] if ignore_name else [p for a in adapters if (p := name_problem(a, base))]
-    problems += shape_problems(adapters, base)
+    shapes = shape_problems(adapters, base)
+    if shapes:
+        problems += shapes[:SHOWN]
+        if len(shapes) > SHOWN:
+            problems.append(f"… and {len(shapes) - SHOWN} more")
+        problems.append("the adapter was not trained over --base: give the model it was "
+                        "trained over")
     if not problems:
         problems = relatedness_problems(adapters, base, max_relative_change)
     if problems:
-        more = f"\n… and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
-        raise AdapterError("\n".join(problems[:SHOWN]) + more)
+        raise AdapterError("\n".join(problems))
 
 
 def name_problem(adapter: Adapter, base: Path) -> str | None:
@@ -100,17 +105,15 @@ def shape_problems(adapters: list[Adapter], base: Path) -> list[str]:
             wanted[f"{module}.weight"] = (shape, f"adapter {adapter.path} (A {a}, B {b})")
         for name, key in adapter.saved.items():
             shape = tuple(adapter.tensors[key].shape)
-            wanted.setdefault(name, (shape, f"adapter {adapter.path} (saved tensor {shape})"))
+            wanted.setdefault(name, (shape, f"adapter {adapter.path} (a saved tensor)"))
     found = base_shapes(base, list(wanted))
     for name, (shape, source) in wanted.items():
         if found[name] is None and name == "lm_head.weight" and _tied(base):
             continue  # the head is the embedding's weight, which the checkpoint holds once
         if found[name] is None:
-            problems.append(f"--base {base} has no tensor {name}, which {source} changes: was "
-                            "the adapter trained over this model?")
+            problems.append(f"--base {base} has no tensor {name}, which {source} changes")
         elif found[name] != shape:
-            problems.append(f"--base {base}: {name} is {found[name]}, but {source} needs "
-                            f"{shape}: the adapter was not trained over this model")
+            problems.append(f"--base {base}: {name} is {found[name]}, {source} needs {shape}")
     return problems
 
 
