@@ -138,6 +138,9 @@ def test_an_output_that_would_write_an_input_is_refused_before_anything_is_read(
         assert out.exists() == existed, case
     assert {path: snapshot(path) for path in before} == before
     assert sorted(os.listdir(linked)) == ["adapter_config.json", "adapter_model.safetensors"]
+    (sft / "adapter_config.json").write_text("{not json")  # never read: OUT is refused first
+    with pytest.raises(OutputFolderError, match="inputs are never written"):
+        expo_adapter([sft], sft / "expo", alpha=0.3)
 
     code, stderr = finished(lora_cli(dpo, dpo / "expo", "--alpha", "0.3"))
     assert code == 1
