@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mergekit_expo.merge.parameters import DEFAULT_WARN_RELATIVE_CHANGE
+
 
 @click.group()
 @click.version_option(package_name="mergekit-expo")
@@ -46,29 +48,45 @@ def demo(out: Path, alpha: float) -> None:
 )
 @click.option(
     "--base", type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The model the adapters were trained over (needed for modules_to_save).",
+    help="The model the adapters were trained over (needed for modules_to_save and DoRA); "
+    "checked against them: name, shapes, saved tensors.",
 )
 @click.option(
     "--reference-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="θ₀ = base + this adapter (an SFT adapter the DPO adapters do not include).",
 )
-def lora(adapters, out: Path, alpha: float, lam: float, base, reference_adapter) -> None:
+@click.option(
+    "--ignore-base-name", is_flag=True,
+    help="--base is the adapters' base model under another name than their "
+    "base_model_name_or_path (shapes and saved tensors are still checked).",
+)
+@click.option(
+    "--max-relative-change", type=float, default=DEFAULT_WARN_RELATIVE_CHANGE, show_default=True,
+    help="Refuse --base if a saved module differs from its tensor by more than this share of "
+    "its norm (the merge's warn_relative_change).",
+)
+def lora(adapters, out: Path, alpha: float, lam: float, base, reference_adapter,
+         ignore_base_name: bool, max_relative_change: float) -> None:
     """Write an extrapolated LoRA adapter to OUT: update (1+α)× the DPO adapter's.
 
     One ADAPTER (θ₁ = θ₀ + s·BA): the scaling is multiplied, no weight changes (DoRA: rows of
     B and the magnitude, needs --base). Several, or --reference-adapter: one adapter of
-    concatenated ranks. See docs/lora.md.
+    concatenated ranks. OUT gets the whole new adapter or keeps what it held; inputs and
+    folders holding a model are refused. See docs/lora.md.
     """
-    from mergekit_expo.lora.adapter import AdapterError
+    from mergekit_expo.errors import ExpoError
     from mergekit_expo.lora.extrapolate import expo_adapter
 
     try:
         written = expo_adapter(
-            list(adapters), out, alpha=alpha, lam=lam,
-            reference_adapter=reference_adapter, base=base,
+            list(adapters), out, alpha=alpha, lam=lam, reference_adapter=reference_adapter,
+            base=base, ignore_base_name=ignore_base_name, max_relative_change=max_relative_change,
         )
-    except AdapterError as error:
+    except ExpoError as error:
         raise click.ClickException(str(error)) from None
+    except OSError as error:  # a folder that cannot be made or read: its path and the reason
+        where = error.filename or out
+        raise click.ClickException(f"{where}: {error.strerror or error}") from None
     click.echo(f"Extrapolated adapter (α = {alpha:g}): {written.resolve()}")
 
 

@@ -27,10 +27,11 @@ def base(zoo) -> Path:
     return zoo.base("lora_sft", hidden=64, seed=7)
 
 
-def make_adapter(base: Path, out: Path, *, seed: int, save_scale: float = 0.01,
+def make_adapter(base: Path, out: Path, *, seed: int, save_scale: float = 0.002,
                  bf16: bool = False, **config) -> Path:
     """A real PEFT adapter over ``base`` with random (non-zero) A and B and perturbed
-    modules_to_save, saved with PEFT's own save_pretrained."""
+    modules_to_save (by ~10 % of their norm, a large fine-tuning step), saved with PEFT's own
+    save_pretrained."""
     from transformers import AutoModelForCausalLM
 
     if (out / "adapter_config.json").exists():

@@ -93,14 +93,7 @@ def read_adapter(path: str | Path, *, dora: bool = False) -> Adapter:
         extra = " (adapter_model.bin: re-save it with safetensors)" if (
             path / "adapter_model.bin").exists() else ""
         raise AdapterError(f"{path}: no {WEIGHTS_NAME}{extra}")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise AdapterError(
-            f"{config_path}: peft_type is {peft_type!r}; only LoRA adapters (peft_type LORA) "
-            "can be extrapolated as an adapter. Merge the adapter into its base model and "
-            "extrapolate the full model with mergekit-yaml (`model: base+adapter`)."
-        )
+    config = read_config(config_path)
     for option, harmless, why in UNSUPPORTED:
         if dora and option == "use_dora":
             continue
@@ -111,7 +104,10 @@ def read_adapter(path: str | Path, *, dora: bool = False) -> Adapter:
                 "full model instead: mergekit-yaml with `model: BASE+ADAPTER` and "
                 "`merge_method: expo` merges the adapter first (docs/lora.md)."
             )
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as error:  # safetensors' own error type: a damaged or truncated file
+        raise AdapterError(f"{weights_path} cannot be read: {error}") from None
     pairs, saved, magnitudes = _classify(path, config, tensors)
     for module, pair in pairs.items():
         plain = module in magnitudes and "embedding" not in pair.a_key
@@ -123,8 +119,82 @@ def read_adapter(path: str | Path, *, dora: bool = False) -> Adapter:
     return Adapter(path, config, tensors, pairs, saved, magnitudes)
 
 
+# The fields of adapter_config.json the extrapolation interprets, and what each must be.
+INTERPRETED = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
+               "fan_in_fan_out", "modules_to_save", "use_dora")
+
+
+def read_config(config_path: Path) -> dict[str, Any]:
+    """adapter_config.json as PEFT reads it: ``LoraConfig`` fills in PEFT's defaults for the
+    fields it leaves out (``r``, ``lora_alpha``, …) and drops keys it does not know (with its
+    warning); the fields the extrapolation uses are then checked for their types, which PEFT
+    does not do (a string ``lora_alpha`` would fail later, deep inside PEFT or here)."""
+    try:
+        written = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise AdapterError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(written, dict):
+        raise AdapterError(f"{config_path} holds {type(written).__name__}, not a JSON object")
+    peft_type = written.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterError(
+            f"{config_path}: peft_type is {peft_type!r}; only LoRA adapters (peft_type LORA) "
+            "can be extrapolated as an adapter. Merge the adapter into its base model and "
+            "extrapolate the full model with mergekit-yaml (`model: base+adapter`)."
+        )
+    from peft import LoraConfig
+
+    try:
+        resolved = LoraConfig.from_peft_type(**written)
+    except (TypeError, ValueError) as error:
+        raise AdapterError(f"{config_path}: PEFT cannot read this LoRA config: {error}") from None
+    config = {**written, **{name: getattr(resolved, name) for name in INTERPRETED}}
+    _check_types(config_path, config)
+    return config
+
+
+def _check_types(config_path: Path, config: dict[str, Any]) -> None:
+    def refuse(name: str, what: str, value: Any) -> None:
+        raise AdapterError(f"{config_path}: {name} must be {what}, got {value!r}")
+
+    if not _is_int(config["r"]) or config["r"] <= 0:
+        refuse("r", "a positive integer", config["r"])
+    if not _is_number(config["lora_alpha"]):
+        refuse("lora_alpha", "a number", config["lora_alpha"])
+    for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if not isinstance(config[name], bool):
+            refuse(name, "true or false", config[name])
+    for name, check, what in (("rank_pattern", _is_int, "a positive integer"),
+                              ("alpha_pattern", _is_number, "a number")):
+        pattern = config[name] or {}
+        if not isinstance(pattern, dict):
+            refuse(name, "a mapping of module names to values", pattern)
+        for key, value in pattern.items():
+            if not check(value) or (name == "rank_pattern" and value <= 0):
+                refuse(f"{name}[{key!r}]", what, value)
+    saved = config["modules_to_save"]
+    if saved is not None and not (
+        isinstance(saved, list) and all(isinstance(m, str) for m in saved)
+    ):
+        refuse("modules_to_save", "a list of module names", saved)
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        refuse("base_model_name_or_path", "a model name or path", base)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
     """(rank, scaling) of one module as PEFT computes it: lora_alpha / r, or / √r with rsLoRA."""
+    from peft.utils.other import get_pattern_key
+
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     rank = config["r"]
@@ -136,15 +206,6 @@ def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
     if config.get("use_rslora"):
         return rank, alpha / math.sqrt(rank)
     return rank, alpha / rank
-
-
-def get_pattern_key(pattern_keys, key_to_match: str) -> str:
-    """PEFT's rule (peft.utils.other.get_pattern_key), kept here so that reading an adapter does
-    not import peft and transformers (seconds): the first key matching a dotted suffix wins."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
-    return key_to_match
 
 
 def _classify(path: Path, config, tensors):
@@ -194,6 +255,35 @@ def read_base_tensors(base: str | Path, names) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     base = Path(base)
+    tensors = {}
+    for file, wanted in _base_files(base, names).items():
+        with safe_open(str(base / file), framework="pt") as handle:
+            present = set(handle.keys())
+            for name in wanted:
+                if name not in present:
+                    raise AdapterError(f"{base / file}: tensor {name} of θ₀ is missing")
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def base_shapes(base: str | Path, names) -> dict[str, tuple[int, ...] | None]:
+    """The shapes of the named tensors of a local safetensors checkpoint, from its headers
+    (None for a tensor it does not hold)."""
+    from safetensors import safe_open
+
+    base = Path(base)
+    shapes: dict[str, tuple[int, ...] | None] = dict.fromkeys(names)
+    for file, wanted in _base_files(base, names, missing_ok=True).items():
+        with safe_open(str(base / file), framework="pt") as handle:
+            present = set(handle.keys())
+            for name in wanted:
+                if name in present:
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def _base_files(base: Path, names, *, missing_ok: bool = False) -> dict[str, list[str]]:
+    """The checkpoint's files and the named tensors to look for in each."""
     index = base / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -205,24 +295,20 @@ def read_base_tensors(base: str | Path, names) -> dict[str, torch.Tensor]:
     for name in names:
         file = "model.safetensors" if weight_map is None else weight_map.get(name)
         if file is None:
+            if missing_ok:
+                continue
             raise AdapterError(f"{base}: tensor {name} (in modules_to_save) is not in θ₀")
         by_file.setdefault(file, []).append(name)
-    tensors = {}
-    for file, wanted in by_file.items():
-        with safe_open(str(base / file), framework="pt") as handle:
-            present = set(handle.keys())
-            for name in wanted:
-                if name not in present:
-                    raise AdapterError(f"{base / file}: tensor {name} of θ₀ is missing")
-                tensors[name] = handle.get_tensor(name)
-    return tensors
+    return by_file
 
 
 def write_adapter(
     out: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], *,
     card: str, record: dict[str, Any],
 ) -> Path:
-    """Write adapter_config.json, adapter_model.safetensors, README.md and mergekit_expo.json."""
+    """Write adapter_config.json, adapter_model.safetensors, README.md and mergekit_expo.json
+    into ``out`` (the staging folder of ``expo_adapter``: the output folder gets them all at
+    once, the config last)."""
     from safetensors.torch import save_file
 
     out = Path(out)

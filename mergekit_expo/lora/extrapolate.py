@@ -37,8 +37,12 @@ from mergekit_expo.lora.adapter import (
     read_base_tensors,
     write_adapter,
 )
+from mergekit_expo.lora.base import check_base
 from mergekit_expo.lora.card import adapter_card
 from mergekit_expo.merge.formula import extrapolate
+from mergekit_expo.merge.parameters import DEFAULT_WARN_RELATIVE_CHANGE
+from mergekit_expo.output.folder import OutputFolderError, write_problems
+from mergekit_expo.output.staging import staged
 
 
 @dataclass
@@ -53,19 +57,19 @@ class Term:
 def expo_adapter(
     adapters: list[str | Path], out: str | Path, *, alpha: float, lam: float = 0.0,
     reference_adapter: str | Path | None = None, base: str | Path | None = None,
+    ignore_base_name: bool = False, max_relative_change: float = DEFAULT_WARN_RELATIVE_CHANGE,
 ) -> Path:
     """Write the extrapolated adapter to ``out``.
 
     ``adapters`` are θ₁…θ_T as adapters (the last is θ_T); ``reference_adapter`` is U₀ when θ₀
     is base + an SFT adapter; ``base`` is the model the adapters are applied to (needed for
-    ``modules_to_save``). One adapter and no reference: the scaling route (weights untouched);
-    otherwise the rank concatenation.
+    ``modules_to_save``), checked against them (``lora.base``). One adapter and no reference:
+    the scaling route (weights untouched); otherwise the rank concatenation. ``out`` gets the
+    new adapter's files all at once, its config last, or keeps what it held (``output``).
     """
     if not adapters:
         raise AdapterError("give at least one adapter (θ_T, the DPO adapter)")
-    inputs = {Path(p).resolve() for p in [*adapters, reference_adapter] if p is not None}
-    if Path(out).resolve() in inputs:
-        raise AdapterError(f"{out}: the output directory is one of the input adapters")
+    refuse_writing_inputs(out, adapters, reference_adapter, base)
     if not math.isfinite(alpha) or not math.isfinite(lam):
         raise AdapterError(f"alpha and lambda must be finite numbers (got {alpha}, {lam})")
     if lam and len(adapters) < 2:
@@ -78,17 +82,37 @@ def expo_adapter(
             "expo lora: lambda is 0, so the adapters before the last (%s) are ignored (plain "
             "ExPO on %s); pass --lambda to use them", [str(a) for a in adapters[:-1]], adapters[-1],
         )
-    if reference_adapter is None and not lam:
-        if final.magnitudes:
-            return _dora(final, Path(out), alpha=alpha, base=base)
-        return _scaled(final, Path(out), alpha=alpha, base=base)
-    if final.magnitudes:
+    single = reference_adapter is None and not lam
+    if not single and final.magnitudes:
         raise AdapterError(
             f"{final.path}: a DoRA adapter cannot be combined with others (its update is not "
             "linear in its scale); merge the full models with mergekit-yaml instead"
         )
-    terms = _terms(adapters, final, alpha=alpha, lam=lam, reference_adapter=reference_adapter)
-    return _concatenated(terms, Path(out), alpha=alpha, lam=lam, base=base)
+    terms = [Term(final, 1 + alpha, "final")] if single else _terms(
+        adapters, final, alpha=alpha, lam=lam, reference_adapter=reference_adapter)
+    if base is not None:
+        check_base([t.adapter for t in terms], base, ignore_name=ignore_base_name,
+                   max_relative_change=max_relative_change)
+    with staged(out, "adapter") as stage:
+        if not single:
+            _concatenated(terms, Path(stage), alpha=alpha, lam=lam, base=base)
+        elif final.magnitudes:
+            _dora(final, Path(stage), alpha=alpha, base=base)
+        else:
+            _scaled(final, Path(stage), alpha=alpha, base=base)
+    return Path(out)
+
+
+def refuse_writing_inputs(out, adapters, reference_adapter, base) -> None:
+    """Inputs are never written, and one kind of artefact per folder (``output.folder``)."""
+    inputs = {("the adapter" if len(adapters) == 1 else f"adapter {path}"): path
+              for path in adapters}
+    inputs.update({"--reference-adapter": reference_adapter, "--base": base})
+    problems = write_problems(
+        out, "adapter", {label: path for label, path in inputs.items() if path is not None}
+    )
+    if problems:
+        raise OutputFolderError("\n".join(problems))
 
 
 # -- one adapter: the scaling ----------------------------------------------------------------
