@@ -237,12 +237,8 @@ def search(config: Path, out_dir: Path, **options) -> None:
 
     from pydantic import ValidationError
 
-    from mergekit_expo.merge.guards import NonFiniteError
-    from mergekit_expo.search.merge_config import SearchConfigError
-    from mergekit_expo.search.outputs import OutputWriteError
-    from mergekit_expo.search.prompts import JsonlError
+    from mergekit_expo.errors import ExpoError
     from mergekit_expo.search.run import describe, run_search
-    from mergekit_expo.search.scorers import ScorerError
     from mergekit_expo.search.settings import SearchSettings, parse_grid
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -293,8 +289,7 @@ def search(config: Path, out_dir: Path, **options) -> None:
         raise click.UsageError(str(error)) from None
     try:
         report = run_search(settings)
-    except (SearchConfigError, JsonlError, ScorerError, NonFiniteError, FileNotFoundError,
-            OutputWriteError) as error:
+    except (ExpoError, FileNotFoundError) as error:
         # these name the file and line, the tensor, the setting or the candidate: no traceback
         raise click.ClickException(str(error)) from None
 

@@ -150,16 +150,25 @@ def _clean(root: Path, out: Path, created: bool) -> None:
             out.rmdir()
 
 
-def disk_error(error: BaseException) -> str | None:
-    """What a full disk, a file size limit or a read-only file system said, else None; also
-    through safetensors, whose errors carry the OS error only in their text (``os error 27``)."""
-    if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-        where = f" ({error.filename})" if error.filename else ""
-        return f"{error.strerror}{where}"
-    found = re.search(r"os error (\d+)", str(error))
-    if found and int(found.group(1)) in DISK_ERRORS:
-        return os.strerror(int(found.group(1)))
+def write_error(error: BaseException, errors=DISK_ERRORS) -> OSError | None:
+    """The failed write behind ``error`` (an errno of ``errors``: a full disk, a file size limit,
+    a read-only file system), else None: an ``OSError``, its cause, or a safetensors error,
+    which carries the OS error only in its text (``… I/O error: File too large (os error 27)``)."""
+    for candidate in (error, error.__cause__):
+        if isinstance(candidate, OSError) and candidate.errno in errors:
+            return candidate
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if found and int(found.group(1)) in errors:
+        return OSError(int(found.group(1)), os.strerror(int(found.group(1))))
     return None
+
+
+def disk_error(error: BaseException) -> str | None:
+    """What the failed write behind ``error`` said, naming its file, else None."""
+    failure = write_error(error)
+    if failure is None:
+        return None
+    return failure.strerror + (f" ({failure.filename})" if failure.filename else "")
 
 
 def remove_leftovers(out: Path) -> None:

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from mergekit_expo.errors import ExpoError
+from mergekit_expo.output.staging import DISK_ERRORS, write_error
+
 # what a failed write raises: no space, a file-size limit or quota, a read-only or forbidden place
-WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                          errno.EPERM, errno.EIO})
+WRITE_ERRORS = DISK_ERRORS | {errno.EACCES, errno.EPERM}
 
 
-class OutputWriteError(RuntimeError):
+class OutputWriteError(ExpoError, RuntimeError):
     """A file or folder of the search could not be written (full disk, no permission)."""
 
     def __init__(self, path: str | Path, error: OSError):
@@ -36,18 +37,9 @@ class OutputWriteError(RuntimeError):
 
 
 def write_failure(error: BaseException) -> OSError | None:
-    """The failed write behind ``error``, if it is one: an ``OSError`` of ``WRITE_ERRORS``, also
-    as safetensors reports it (``SafetensorError: … I/O error: File too large (os error 27)``)
-    or as the cause of another error (a tokenizer copy that failed, in a merge)."""
-    from safetensors import SafetensorError
-
-    for candidate in (error, error.__cause__):
-        if isinstance(candidate, OSError) and candidate.errno in WRITE_ERRORS:
-            return candidate
-    found = re.search(r"\(os error (\d+)\)", str(error))
-    if isinstance(error, SafetensorError) and found and int(found[1]) in WRITE_ERRORS:
-        return OSError(int(found[1]), os.strerror(int(found[1])))
-    return None
+    """The failed write behind ``error``, if it is one (``output.staging.write_error``, with a
+    folder that cannot be written counted too)."""
+    return write_error(error, WRITE_ERRORS)
 
 
 def make_folder(path: Path) -> Path:
