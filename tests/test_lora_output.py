@@ -229,7 +229,8 @@ def test_a_full_disk_leaves_the_earlier_adapter_and_says_so_in_one_line(dpo, ear
     code, stderr = done["new"]
     assert code == 1 and "File too large" in stderr and not (tmp_path / "new").exists()
     code, stderr = done["not a folder"]
-    assert (code, stderr) == (1, f"Error: {tmp_path / 'a-file' / 'out'}: Not a directory\n")
+    assert (code, stderr) == (1, f"Error: cannot write into {tmp_path / 'a-file' / 'out'}: Not a "
+                                 "directory; choose a folder you can write to\n")
 
 
 # -- --base is the adapter's base model ------------------------------------------------------

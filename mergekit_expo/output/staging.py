@@ -126,6 +126,9 @@ def staged(out_path: str | os.PathLike, kind: Kind = "model") -> Iterator[str]:
         signal.signal(terminated.signum, signal.SIG_DFL)
         os.kill(os.getpid(), terminated.signum)  # die of it, as without us
         raise
+    except ExpoError:  # says what went wrong already
+        _clean(root, out, created)
+        raise
     except Exception as error:
         _clean(root, out, created)
         why = disk_error(error)
@@ -154,12 +157,13 @@ def write_error(error: BaseException, errors=DISK_ERRORS) -> OSError | None:
     """The failed write behind ``error`` (an errno of ``errors``: a full disk, a file size limit,
     a read-only file system), else None: an ``OSError``, its cause, or a safetensors error,
     which carries the OS error only in its text (``… I/O error: File too large (os error 27)``)."""
-    for candidate in (error, error.__cause__):
-        if isinstance(candidate, OSError) and candidate.errno in errors:
-            return candidate
-    found = re.search(r"\(os error (\d+)\)", str(error))
-    if found and int(found.group(1)) in errors:
-        return OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in errors:
+            return error
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if found and int(found.group(1)) in errors:
+            return OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+        error = error.__cause__
     return None
 
 
