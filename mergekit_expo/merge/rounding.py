@@ -136,40 +136,35 @@ class Rounding:
             inputs: list[torch.Tensor]) -> None:
         """Write the correctly rounded θ at ``index`` of ``written`` (the output slice)."""
         grid = self.grid
-        values = [t[index].double() for t in inputs]
-        guess = y[index]
+        guess = y.index_select(0, index)
         finite = torch.isfinite(guess)
         if not bool(finite.all()):
             index, guess = index[finite], guess[finite]
-            values = [v[finite] for v in values]
+        values = [t.index_select(0, index).double() for t in inputs]
         size = guess.abs()
-        error = self.bound * torch.stack([v.abs() for v in values]).amax(0)
-        _, exponent = torch.frexp(size)
-        exponent = (exponent - 1).clamp_(min=grid.emin) - (grid.precision - 1)
-        ulp = torch.ldexp(torch.ones_like(size), exponent)
+        error = values[0].abs()
+        for value in values[1:]:
+            torch.maximum(error, value.abs(), out=error)
+        error.mul_(self.bound)
+        # the output grid's cell around the float64 value: [low, low + ulp], midpoint μ
+        exponent = size.view(torch.int64).bitwise_right_shift(52).clamp_(min=grid.emin + 1023)
+        ulp = exponent.sub_(grid.precision - 1).bitwise_left_shift_(52).view(torch.float64)
         steps = torch.floor(size / ulp)
         low = steps * ulp
         mid = low + ulp / 2
-        above = size > mid  # the float64 value's side; decided where it is farther than the bound
-        tie = torch.zeros_like(above)
-        unknown = torch.zeros_like(above)
-        # close to μ, or possibly of the other sign than the float64 value: decided exactly
-        close = (((size - mid).abs() <= error) | ((size <= error) & (error > 0)))
-        close = close.nonzero().view(-1)
-        if close.numel():
-            sign = torch.sign(guess[close])
-            order, known = _sign_of_sum(
-                [v[close] for v in values], self.coefficients,
-                mid[close] * sign, self.denominator, self.split,
-            )
-            order = order * sign  # the side of |x| against μ (x has the float64 value's sign)
-            usable = (error[close] < ulp[close] / 4) & (error[close] < size[close])
-            above[close], tie[close] = order > 0, order == 0
-            unknown[close] = ~(known & usable)
-        up = torch.where(tie, steps % 2 == 1, above)  # a tie goes to the even neighbour
+        order, known = _sign_of_sum(
+            values, self.coefficients, mid.copysign(guess), self.denominator, self.split
+        )
+        order = torch.where(guess < 0, -order, order)  # |x| against μ: x has y's sign where
+        usable = (error < ulp / 4) & (error < size)  # the bound is below |y| (usable)
+        known &= usable
+        far = ~known & ((size - mid).abs() > error)  # the float64 value's side is x's side
+        order = torch.where(far, torch.sign(size - mid).to(order.dtype), order)
+        odd = steps.to(torch.int64).bitwise_and_(1).bool()
+        up = torch.where(order == 0, odd, order > 0)  # a tie goes to the even neighbour
         results = torch.where(up, low + ulp, low).copysign_(guess)
-        results[error == 0] = 0.0  # every input is 0: an exact +0
-        rest = unknown.nonzero().view(-1)
+        results.masked_fill_(error == 0, 0.0)  # every input is 0: an exact +0
+        rest = (~known & ~far & (error > 0)).nonzero().view(-1)
         if rest.numel():
             results[rest] = torch.tensor(
                 self._by_fractions([v[rest] for v in values]), dtype=torch.float64
@@ -223,22 +218,16 @@ def _sign_of_sum(values, coefficients, mid, denominator, split, passes: int = 6)
         parts = _halves(value) if split else [value]
         terms += [part * piece for part in parts for piece in _pieces(coefficient)]
     terms += [mid * -piece for piece in _pieces(denominator)]
-    stack = torch.stack(terms)
-    known = torch.zeros(mid.shape, dtype=torch.bool)
-    order = torch.zeros(mid.shape, dtype=torch.int8)
-    if len(terms) == 1:
-        return torch.sign(stack[0]).to(torch.int8), ~known
     for _ in range(passes):
-        for i in range(1, len(terms)):  # TwoSum cascade: stack[-1] the sum, the rest its error
-            a, b = stack[i - 1], stack[i]
+        for i in range(1, len(terms)):  # TwoSum cascade: terms[-1] the sum, the rest its error
+            a, b = terms[i - 1], terms[i]
             total = a + b
             back = total - b
-            error = (a - back) + (b - (total - back))
-            stack[i - 1], stack[i] = error, total
-        top, rest = stack[-1], stack[:-1].abs().sum(0)
-        decided = ~known & ((rest == 0) | (top.abs() > rest * (1 + 2.0**-40)))
-        order[decided] = torch.sign(top[decided]).to(torch.int8)
-        known |= decided
-        if bool(known.all()):
+            terms[i - 1], terms[i] = (a - back).add_(b - (total - back)), total
+        top, rest = terms[-1], terms[0].abs()
+        for term in terms[1:-1]:
+            rest.add_(term.abs())
+        known = (rest == 0) | (top.abs() > rest * (1 + 2.0**-40))
+        if bool(known.all()) or len(terms) == 1:
             break
-    return order, known
+    return torch.sign(top).to(torch.int8), known
