@@ -24,6 +24,9 @@ output's subnormal range); ``Rounding.fix`` rounds exactly those again, correctl
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import reduce
@@ -58,6 +61,34 @@ GRIDS = {
 }
 _ONE = 0x3FF0000000000000  # the bits of 1.0: a window value becomes a float in [1, 2)
 U = 2.0**-52
+
+
+# The ``out_dtype`` of the merge that is running, so that the kernel rounds straight into it
+# (mergekit casts the kernel's result to ``out_dtype`` afterwards: a second rounding, unless the
+# result already lies on that grid). Process-wide, not a ContextVar: mergekit's multi-GPU
+# executor runs the kernel on its own threads. Set only for the duration of ``run_merge``.
+_output: list[torch.dtype] = []
+_output_lock = threading.Lock()
+
+
+@contextmanager
+def rounding_into(dtype: torch.dtype | None) -> Iterator[None]:
+    """Within this block, the expo kernel rounds its results once into ``dtype``."""
+    if dtype is None:
+        yield
+        return
+    with _output_lock:
+        _output.append(dtype)
+    try:
+        yield
+    finally:
+        with _output_lock:
+            _output.pop()
+
+
+def output_dtype() -> torch.dtype | None:
+    """The ``out_dtype`` of the running merge (``None``: the result keeps the working dtype)."""
+    return _output[-1] if _output else None
 
 
 def decimal(value: float) -> Fraction:

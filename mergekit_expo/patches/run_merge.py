@@ -35,15 +35,21 @@ def _staged(original: Callable) -> Callable:
 
         if not uses_expo(merge_config):
             return original(merge_config, out_path, options, config_source, *args, **kwargs)
+        import torch
+
+        from mergekit_expo.merge.rounding import rounding_into
         from mergekit_expo.patches import reads
         from mergekit_expo.patches.card import merging
         from mergekit_expo.patches.record import refuse_lost
         from mergekit_expo.patches.staging import staged
+        from mergekit_expo.plan.dtypes import dtype_name
 
         refuse_lost(merge_config, verify=reads.RECORDS)
+        out_name = dtype_name(merge_config.out_dtype, "out_dtype")
+        out_dtype = getattr(torch, out_name) if out_name else None  # rounded into once
         if config_source is None:  # before mergekit rewrites the config into slices
             config_source = merge_config.to_yaml()
-        with merging(merge_config), staged(out_path) as staging:
+        with merging(merge_config), rounding_into(out_dtype), staged(out_path) as staging:
             return original(merge_config, staging, options, config_source, *args, **kwargs)
 
     return run_merge

@@ -266,11 +266,11 @@ class CandidateWeights:
                 _, finite = extrapolate_checked(
                     reference, final, intermediates, alpha=alpha, lam=lam, out=parameter,
                 )
-            else:  # round as mergekit does: to the input dtype, then to out_dtype
-                rounded = torch.empty_like(target.final, dtype=merge_dtype)
+            else:  # rounded once into what the merge writes (out_dtype), as the merge does
+                rounded = torch.empty_like(target.final, dtype=written)
                 result = extrapolate(
                     reference, final, intermediates, alpha=alpha, lam=lam, out=rounded,
-                ).to(written)
+                )
                 parameter.copy_(result)
                 finite = bool(torch.isfinite(result).all())
             if not finite:
