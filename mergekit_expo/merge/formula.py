@@ -131,9 +131,9 @@ def _run(
         slices = [t[start:stop] for t in inputs]
         block, spare = _block(slices, alpha, lam, stop - start, target.device)
         written = target[start:stop].copy_(block)
-        suspects = rounding.suspects(block, spare)
-        if suspects is not None:  # near a rounding boundary: round the exact value once
-            rounding.fix(written, suspects, block, slices)
+        found = rounding.suspects(block, spare, slices, written)
+        if found is not None:  # near a rounding boundary: round the exact value once
+            rounding.fix(written, found, block, slices)
         if check:  # inf after rounding to the output dtype, or NaN, shows in the min or the max
             torch.aminmax(written, out=(extremes[2 * index], extremes[2 * index + 1]))
     return bool(torch.isfinite(extremes).all()) if check else True

@@ -60,6 +60,7 @@ GRIDS = {
     torch.float32: Grid(24, -126, 127, 1 << 18),
 }
 _ONE = 0x3FF0000000000000  # the bits of 1.0: a window value becomes a float in [1, 2)
+FEW = 24  # elements: below this many, fractions are faster than ~40 tensor operations
 U = 2.0**-52
 
 
@@ -118,6 +119,42 @@ def round_fraction(value: Fraction, grid: Grid) -> float:
     return -result if value < 0 else result
 
 
+@dataclass(frozen=True)
+class Found:
+    """The elements of a slice to re-round, and what is known about the slice."""
+
+    index: torch.Tensor
+    exact_ties: bool  # a float64 value within ``error`` of a midpoint is an exact tie
+    error: float  # |float64 value − exact value| ≤ error
+    small: float  # below it, only the exact computation decides
+
+
+class _Cell:
+    """The output grid's cell around float64 values: [low, low + ulp], its midpoint μ."""
+
+    def __init__(self, guess: torch.Tensor, grid: Grid):
+        self.guess = guess
+        self.size = guess.abs()
+        exponent = self.size.view(torch.int64).bitwise_right_shift(52)
+        exponent.clamp_(min=grid.emin + 1023).sub_(grid.precision - 1)
+        self.ulp = exponent.bitwise_left_shift_(52).view(torch.float64)
+        self.steps = torch.floor(self.size / self.ulp)
+        self.low = self.steps * self.ulp
+        self.mid = self.low + self.ulp / 2
+
+    def part(self, index: torch.Tensor) -> _Cell:
+        part = object.__new__(_Cell)
+        part.__dict__.update({name: value[index] for name, value in self.__dict__.items()})
+        return part
+
+    def odd(self) -> torch.Tensor:
+        return self.steps.to(torch.int64).bitwise_and_(1).bool()
+
+    def pick(self, up: torch.Tensor) -> torch.Tensor:
+        """low, or low + ulp where ``up``, with the float64 value's sign."""
+        return torch.where(up, self.low + self.ulp, self.low).copysign_(self.guess)
+
+
 class Rounding:
     """The exact rounding of one call's results into ``dtype`` (``None``: not a covered format)."""
 
@@ -131,76 +168,105 @@ class Rounding:
         # |float64 result − exact| ≤ bound · max|input| (module notes in docs/numerics.md)
         self.bound = U * (count + 48) * (1 + abs(alpha)) * (1 + abs(lam))
         self.split = any(t.dtype == torch.float64 for t in inputs)
-        largest = max((_largest(t) for t in inputs), default=0.0)
-        if self.grid is None or not math.isfinite(largest):
-            self.grid = None  # inf/NaN inputs are refused by the callers; nothing to decide
+        if self.grid is None:
             return
         grid = self.grid
-        # below ``small`` the bound may exceed the window: every such element is re-rounded
-        self.small = max(self.bound * largest * 2.0**53 / grid.window, 2.0 ** (grid.emin + 1))
-        mask = (1 << grid.tail) - 1
-        self.offset = grid.window - (1 << (grid.tail - 1))
-        self.mask = mask
-        self.limit = _as_float(_ONE | (2 * grid.window))
+        self.mask = (1 << grid.tail) - 1
+        self.offset = grid.window - (1 << (grid.tail - 1))  # the window starts at 0
+        self.limits = {  # window values (see _window) at and below which an element is re-rounded
+            False: _as_float(_ONE | 2 * grid.window), True: _as_float(_ONE | 3 * grid.window)}
+        self.small_limit = 2.0 ** (grid.emin + 1)  # the output's subnormals and next binade
+        self.tie_limit = 2.0 ** (grid.precision + 3) * denominator  # see suspects()
 
-    def suspects(self, y: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor | None:
-        """Indices of the elements of ``y`` (float64) that need ``fix``; ``None`` if none.
+    def _window(self, y: torch.Tensor, out: torch.Tensor, exact_ties: bool) -> torch.Tensor:
+        """(tail − midpoint + W) mod 2^tail of y's bits, as the fraction of a float in [1, 2):
+        0 … 2W is the window around the midpoint; with ``exact_ties``, XOR W and − 1 move the
+        exact midpoint itself to the top of the range (3W covers the rest of the window)."""
+        window = out.view(torch.int64)
+        torch.add(y.view(torch.int64), self.offset, out=window)
+        if exact_ties:
+            window.bitwise_xor_(self.grid.window)
+            torch.add(window, self.mask, out=window)  # − 1, modulo 2^tail (masked below)
+        window.bitwise_and_(self.mask).bitwise_or_(_ONE)  # normal floats: no subnormal stalls
+        return out
 
-        ``scratch`` is a float64 buffer of ``y``'s size that may be overwritten.
+    def suspects(self, y: torch.Tensor, scratch: torch.Tensor, inputs: list[torch.Tensor],
+                 written: torch.Tensor) -> Found | None:
+        """The elements of ``y`` (float64) that need ``fix``; ``None`` if none.
+
+        ``inputs`` are this slice's inputs, ``written`` its torch-cast result; ``scratch`` is a
+        float64 buffer of ``y``'s size that may be overwritten.
         """
         if self.grid is None or y.numel() == 0:
             return None
-        window = scratch.view(torch.int64)
-        torch.add(y.view(torch.int64), self.offset, out=window)
-        window.bitwise_and_(self.mask).bitwise_or_(_ONE)  # (tail − midpoint + W) mod 2^tail
-        near = float(scratch.amin()) <= self.limit
-        if not near:
-            torch.abs(y, out=scratch)
-            if not float(scratch.amin()) < self.small:
-                return None
-            torch.add(y.view(torch.int64), self.offset, out=window)
-            window.bitwise_and_(self.mask).bitwise_or_(_ONE)
-        flagged = (scratch <= self.limit) | (y.abs() < self.small)
-        return flagged.nonzero().view(-1)
+        largest, gap = _exponent_range(inputs, scratch)
+        if not math.isfinite(largest):
+            return None  # inf/NaN inputs: refused by every caller
+        error = self.bound * largest  # |float64 result − exact value| ≤ error
+        # Below ``small`` the error may exceed the window: every such element is re-rounded.
+        small = max(error * 2.0**53 / self.grid.window, self.small_limit)
+        # A float64 value exactly on a midpoint μ is the exact value (an exact tie, which
+        # torch's cast rounds to even, correctly) when nothing else comes that close: L(x − μ)
+        # is a multiple of the inputs' and μ's last bits, so |x − μ| ≥ gap / L unless 0; μ's
+        # last bit is ≥ small · 2^-(precision+1) outside the small elements.
+        exact_ties = gap > 2 * error * self.denominator and small > error * self.tie_limit
+        limit = self.limits[exact_ties]
+        tiny = _smallest(written, scratch) < 2 * small  # |y| < small rounds below 2·small
+        near = float(self._window(y, scratch, exact_ties).amin()) <= limit
+        if not near and not tiny:
+            return None
+        flagged = scratch <= limit
+        if tiny:
+            flagged |= y.abs() < small
+        return Found(flagged.nonzero().view(-1), exact_ties, error, small)
 
-    def fix(self, written: torch.Tensor, index: torch.Tensor, y: torch.Tensor,
+    def fix(self, written: torch.Tensor, found: Found, y: torch.Tensor,
             inputs: list[torch.Tensor]) -> None:
-        """Write the correctly rounded θ at ``index`` of ``written`` (the output slice)."""
-        grid = self.grid
+        """Write the correctly rounded θ at ``found.index`` of ``written`` (the output slice)."""
+        index = found.index
         guess = y.index_select(0, index)
         finite = torch.isfinite(guess)
         if not bool(finite.all()):
             index, guess = index[finite], guess[finite]
-        values = [t.index_select(0, index).double() for t in inputs]
-        size = guess.abs()
+        cell = _Cell(guess, self.grid)
+        if found.exact_ties:  # within the error of μ means on μ; farther, the side is y's
+            distance = cell.size - cell.mid
+            up = torch.where(distance.abs() <= found.error, cell.odd(), distance > 0)
+            results = cell.pick(up)
+            rest = (cell.size < found.small).nonzero().view(-1)
+            if rest.numel():
+                results[rest] = self._exact(cell.part(rest), [t[index[rest]] for t in inputs])
+        else:
+            results = self._exact(cell, [t.index_select(0, index) for t in inputs])
+        written[index] = results.to(written.dtype)
+
+    def _exact(self, cell: _Cell, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The correctly rounded θ for these elements, from the exact sign of x − μ."""
+        values = [t.double() for t in inputs]
+        if len(cell.size) <= FEW:  # fewer operations than one element at a time
+            return torch.tensor(self._by_fractions(values), dtype=torch.float64)
+        size, mid, guess = cell.size, cell.mid, cell.guess
         error = values[0].abs()
         for value in values[1:]:
             torch.maximum(error, value.abs(), out=error)
         error.mul_(self.bound)
-        # the output grid's cell around the float64 value: [low, low + ulp], midpoint μ
-        exponent = size.view(torch.int64).bitwise_right_shift(52).clamp_(min=grid.emin + 1023)
-        ulp = exponent.sub_(grid.precision - 1).bitwise_left_shift_(52).view(torch.float64)
-        steps = torch.floor(size / ulp)
-        low = steps * ulp
-        mid = low + ulp / 2
         order, known = _sign_of_sum(
             values, self.coefficients, mid.copysign(guess), self.denominator, self.split
         )
         order = torch.where(guess < 0, -order, order)  # |x| against μ: x has y's sign where
-        usable = (error < ulp / 4) & (error < size)  # the bound is below |y| (usable)
+        usable = (error < cell.ulp / 4) & (error < size)  # the bound is below |y| (usable)
         known &= usable
         far = ~known & ((size - mid).abs() > error)  # the float64 value's side is x's side
         order = torch.where(far, torch.sign(size - mid).to(order.dtype), order)
-        odd = steps.to(torch.int64).bitwise_and_(1).bool()
-        up = torch.where(order == 0, odd, order > 0)  # a tie goes to the even neighbour
-        results = torch.where(up, low + ulp, low).copysign_(guess)
+        up = torch.where(order == 0, cell.odd(), order > 0)  # a tie goes to the even neighbour
+        results = cell.pick(up)
         results.masked_fill_(error == 0, 0.0)  # every input is 0: an exact +0
         rest = (~known & ~far & (error > 0)).nonzero().view(-1)
         if rest.numel():
             results[rest] = torch.tensor(
                 self._by_fractions([v[rest] for v in values]), dtype=torch.float64
             )
-        written[index] = results.to(written.dtype)
+        return results
 
     def _by_fractions(self, values: list[torch.Tensor]) -> list[float]:
         weights = self.weights
@@ -211,11 +277,35 @@ class Rounding:
         ]
 
 
-def _largest(tensor: torch.Tensor) -> float:
-    if tensor.numel() == 0:
-        return 0.0
-    low, high = torch.aminmax(tensor)
-    return max(-float(low), float(high))
+_INTEGER = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _exponent_range(inputs: list[torch.Tensor], scratch: torch.Tensor) -> tuple[float, float]:
+    """From the exponent fields of ``inputs``: a bound on every |element| (inf if one is
+    inf/NaN), and the last bit of the smallest nonzero one (0 if one is 0 or subnormal)."""
+    largest, gap = 0.0, math.inf
+    for tensor in inputs:
+        info = torch.finfo(tensor.dtype)
+        integer = _INTEGER[tensor.element_size()]
+        fraction = -round(math.log2(info.eps))
+        field = ((1 << (info.bits - 1 - fraction)) - 1) << fraction  # the exponent bits
+        exponents = scratch.view(integer)[: tensor.numel()]
+        torch.bitwise_and(tensor.view(integer), field, out=exponents)
+        low, high = (int(v) >> fraction for v in torch.aminmax(exponents))
+        bias = (field >> fraction) >> 1
+        if high == field >> fraction:
+            return math.inf, 0.0
+        largest = max(largest, 2.0 ** (high - bias + 1))
+        gap = min(gap, 0.0 if low == 0 else 2.0 ** (low - bias - fraction))
+    return largest, gap
+
+
+def _smallest(written: torch.Tensor, scratch: torch.Tensor) -> float:
+    """The smallest |element| of ``written`` (bf16/fp16/fp32), from its bits."""
+    integer = _INTEGER[written.element_size()]
+    sizes = scratch.view(integer)[: written.numel()]
+    torch.bitwise_and(written.view(integer), torch.iinfo(integer).max, out=sizes)
+    return abs(float(sizes.amin().view(written.dtype)))
 
 
 def _as_float(bits: int) -> float:
