@@ -158,16 +158,20 @@ class _Cell:
 class Rounding:
     """The exact rounding of one call's results into ``dtype`` (``None``: not a covered format)."""
 
-    def __init__(self, alpha: float, lam: float, inputs: list[torch.Tensor], dtype: torch.dtype):
+    def __init__(self, alpha: float, lam: float, inputs: list[torch.Tensor], dtype: torch.dtype,
+                 count: int):
+        """``inputs``: θ_T, θ₀ and the intermediates, whose sum over ``count`` is θ̄."""
         self.grid = GRIDS.get(dtype)
-        count = len(inputs) - 2
-        self.weights = weights(alpha, lam, count)[: len(inputs)]
+        exact = weights(alpha, lam, count)
+        self.weights = exact[:2] + exact[2:3] * (len(inputs) - 2)
         denominator = reduce(math.lcm, (w.denominator for w in self.weights), 1)
         self.coefficients = [int(w * denominator) for w in self.weights]
         self.denominator = denominator
         # |float64 result − exact| ≤ bound · max|input| (module notes in docs/numerics.md)
         self.bound = U * (count + 48) * (1 + abs(alpha)) * (1 + abs(lam))
         self.split = any(t.dtype == torch.float64 for t in inputs)
+        if any(t.device.type == "meta" for t in inputs):
+            self.grid = None  # shapes only: no values to round
         if self.grid is None:
             return
         grid = self.grid
@@ -244,7 +248,8 @@ class Rounding:
         """The correctly rounded θ for these elements, from the exact sign of x − μ."""
         values = [t.double() for t in inputs]
         if len(cell.size) <= FEW:  # fewer operations than one element at a time
-            return torch.tensor(self._by_fractions(values), dtype=torch.float64)
+            return torch.tensor(self._by_fractions(values), dtype=torch.float64,
+                                device=cell.size.device)
         size, mid, guess = cell.size, cell.mid, cell.guess
         error = values[0].abs()
         for value in values[1:]:
@@ -264,7 +269,8 @@ class Rounding:
         rest = (~known & ~far & (error > 0)).nonzero().view(-1)
         if rest.numel():
             results[rest] = torch.tensor(
-                self._by_fractions([v[rest] for v in values]), dtype=torch.float64
+                self._by_fractions([v[rest] for v in values]), dtype=torch.float64,
+                device=results.device,
             )
         return results
 
