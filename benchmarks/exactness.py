@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from reference import FORMATS, bits_of, exact_formula, round_bits  # noqa: E402
+from reference import bits_of, exact_formula, round_bits  # noqa: E402
 
 
 def _weights(count: int, seed: int, dtype, scale=0.02, base=None, step=0.03):
@@ -63,6 +63,7 @@ def main(count: int) -> str:
     from mergekit_expo.merge.formula import extrapolate
 
     old = old_formula()
+    total_after = 0
     lines = [f"elements off the exact formula rounded once (of the count shown); before = "
              f"the kernel at {BEFORE_EXACT_ROUNDING}, after = today's",
              f"{'case':58s} {'elements':>9s} {'before':>7s} {'after':>6s}"]
@@ -75,13 +76,15 @@ def main(count: int) -> str:
         extrapolate(theta0, final, mids, alpha=float(alpha), lam=float(lam), out=after)
         counts = [sum(g != e for g, e in zip(bits_of(r), expected, strict=True))
                   for r in (before, after)]
+        total_after += counts[1]
         lines.append(f"{name:58s} {len(expected):9,d} {counts[0]:7,d} {counts[1]:6,d}")
     zero = [torch.tensor(c, dtype=torch.bfloat16) for c in zip(*ZERO_ROWS, strict=True)]
     sizes = [float(f(zero[0], zero[1], zero[2:], alpha=0.5, lam=0.3).double().abs().max())
              for f in (old.extrapolate, extrapolate)]
     lines.append(f"{'largest |θ| where the exact θ is 0 (3 elements)':58s} {'':9s} "
                  f"{sizes[0]:7.2g} {sizes[1]:6.2g}")
-    assert set(FORMATS) >= {torch.bfloat16}
+    total_after += int(sizes[1] != 0)
+    lines.append(f"after: {total_after} elements off in all cases")
     return "\n".join(lines)
 
 

@@ -147,6 +147,7 @@ def ratio(elements: int, repeats: int = 5) -> str:
     from mergekit_expo.merge.formula import extrapolate
 
     old = old_formula()
+    ratios = []
     theta0, *chain = _pair(elements, seed=0, count=3, step=0.035)
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"{theta0.numel() / 1e6:.0f} M bf16 elements; medians of {repeats}, interleaved",
@@ -165,6 +166,8 @@ def ratio(elements: int, repeats: int = 5) -> str:
                 times[name].append(time.perf_counter() - start)
         old_s, new_s = (statistics.median(times[k]) for k in ("old", "new"))
         n = theta0.numel()
+        ratios.append(new_s / old_s)
         lines.append(f"{alpha:5g} {lam:4g} {old_s / n * 1e9:13.2f} ns {new_s / n * 1e9:7.2f} ns "
                      f"{new_s / old_s:6.2f}")
+    lines.append(f"median ratio over the cases: {statistics.median(ratios):.2f}")
     return "\n".join(lines)
