@@ -42,11 +42,14 @@ def _staged(original: Callable) -> Callable:
         from mergekit_expo.patches.card import merging
         from mergekit_expo.patches.record import refuse_lost
         from mergekit_expo.patches.staging import staged
-        from mergekit_expo.plan.dtypes import dtype_name
+        from mergekit_expo.plan.dtypes import DtypeError, dtype_name
 
         refuse_lost(merge_config, verify=reads.RECORDS)
-        out_name = dtype_name(merge_config.out_dtype, "out_dtype")
-        out_dtype = getattr(torch, out_name) if out_name else None  # rounded into once
+        try:  # the kernel rounds once into out_dtype
+            out_name = dtype_name(merge_config.out_dtype, "out_dtype")
+        except DtypeError:  # refused, with the right spelling, by the merge's start checks
+            out_name = None
+        out_dtype = getattr(torch, out_name) if out_name else None
         if config_source is None:  # before mergekit rewrites the config into slices
             config_source = merge_config.to_yaml()
         with merging(merge_config), rounding_into(out_dtype), staged(out_path) as staging:
