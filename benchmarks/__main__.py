@@ -270,6 +270,27 @@ def kernel(elements, threads, agreement_elements):
 
 
 @main.command()
+@click.option("--elements", default="100k", show_default=True, help="Elements per case.")
+def exactness(elements):
+    """Elements off the exact formula rounded once, the kernel before issue 20 and today's."""
+    from benchmarks.exactness import main as exactness_main
+    from benchmarks.synthetic import parse_count
+
+    click.echo(exactness_main(int(parse_count(elements))))
+
+
+@main.command(name="kernel-ratio")
+@click.option("--elements", default="16M", show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True)
+def kernel_ratio(elements, repeats):
+    """Today's kernel against the one before issue 20: interleaved, medians, same process."""
+    from benchmarks.kernel import ratio
+    from benchmarks.synthetic import parse_count
+
+    click.echo(ratio(int(parse_count(elements)), repeats))
+
+
+@main.command()
 @click.option("--runs", type=int, default=40, show_default=True,
               help="Interpreter starts per variant (interleaved); the medians are compared.")
 @click.option("--wait-quiet", type=float, default=None,

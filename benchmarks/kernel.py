@@ -132,3 +132,42 @@ def main(elements: int, threads: int | None, agreement_elements: int = 1 << 22) 
                 cells.append(f"{miss * 100:23.4f}%")
             print(f"  {alpha:5g} {lam:4g}  " + "  ".join(cells))
     print("  worst: " + ", ".join(f"{k}: {v * 100:.4f} %" for k, v in worst.items()))
+
+
+RATIO_CASES = (  # (α, λ): ExPO with a decimal α, a dyadic one (many exact ties), the λ merge
+    (0.3, 0.0), (0.5, 0.0), (1.7, 0.0), (0.4, 0.3),
+)
+
+
+def ratio(elements: int, repeats: int = 5) -> str:
+    """Median time of today's kernel over the one before issue 20, interleaved, per case."""
+    import statistics
+
+    from benchmarks.baseline import BEFORE_EXACT_ROUNDING, old_formula
+    from mergekit_expo.merge.formula import extrapolate
+
+    old = old_formula()
+    ratios = []
+    theta0, *chain = _pair(elements, seed=0, count=3, step=0.035)
+    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"{theta0.numel() / 1e6:.0f} M bf16 elements; medians of {repeats}, interleaved",
+             f"{'α':>5} {'λ':>4} {'before ' + BEFORE_EXACT_ROUNDING:>16} {'today':>10} "
+             f"{'ratio':>6}"]
+    for alpha, lam in RATIO_CASES:
+        mids = chain[:-1] if lam else ()
+        kernels = {"old": old.extrapolate, "new": extrapolate}
+        times = {"old": [], "new": []}
+        for fn in kernels.values():  # warm-up: scratch buffers, worker threads
+            fn(theta0, chain[-1], mids, alpha=alpha, lam=lam)
+        for _ in range(repeats):
+            for name, fn in kernels.items():
+                start = time.perf_counter()
+                fn(theta0, chain[-1], mids, alpha=alpha, lam=lam)
+                times[name].append(time.perf_counter() - start)
+        old_s, new_s = (statistics.median(times[k]) for k in ("old", "new"))
+        n = theta0.numel()
+        ratios.append(new_s / old_s)
+        lines.append(f"{alpha:5g} {lam:4g} {old_s / n * 1e9:13.2f} ns {new_s / n * 1e9:7.2f} ns "
+                     f"{new_s / old_s:6.2f}")
+    lines.append(f"median ratio over the cases: {statistics.median(ratios):.2f}")
+    return "\n".join(lines)

@@ -59,6 +59,8 @@ SMALLEST = {
     "python -m benchmarks large --params 7B --repeats 3": LARGE_PLAN,
     "python -m benchmarks large --dry-run": LARGE_PLAN,
     "python benchmarks/lora_bench.py --params 1.1B --repeats 3": LORA_BENCH_SMALL,
+    "python -m benchmarks exactness": "-m benchmarks exactness --elements 2K",
+    "python -m benchmarks kernel-ratio": "-m benchmarks kernel-ratio --elements 256K --repeats 3",
 }
 # what each smallest form must print: it ran to the end and checked its numbers
 EXPECTED = {
@@ -70,6 +72,8 @@ EXPECTED = {
     SMALLEST["python -m benchmarks staging"]: r"re-run: +in place \(mergekit alone\) [\d.]+ s",
     SEARCH_BENCH_SMALL: r'(?s)weights update per candidate median .* "scores_identical": true',
     LORA_BENCH_SMALL: r'"adapter_differing_elements_after_bf16_rounding": 0',
+    "-m benchmarks exactness --elements 2K": r"after: 0 elements off in all cases",
+    "-m benchmarks kernel-ratio --elements 256K --repeats 3": r"median ratio over the cases: \d",
 }
 
 

@@ -86,3 +86,48 @@ def test_search_candidate_is_the_merge_bit_for_bit_over_dtypes(
     for name, tensor in merged.items():
         assert ours[name].dtype == tensor.dtype, (name, ours[name].dtype, tensor.dtype)
         assert torch.equal(ours[name], tensor), name
+
+
+# -- a real merge rounds once into out_dtype, against the exact-fraction reference -------------
+
+
+def _exact_off(merged: dict, theta0: dict, final: dict, mids=(), *, alpha: str, lam: str = "0"):
+    """Elements of a merged checkpoint that are not the exact formula rounded once."""
+    from reference import bits_of, exact_formula, round_bits
+
+    off = 0
+    for name, tensor in merged.items():
+        if not tensor.is_floating_point():
+            continue
+        columns = [theta0[name], final[name], *(m[name] for m in mids)]
+        rows = zip(*(c.flatten().tolist() for c in columns), strict=True)
+        expected = [round_bits(exact_formula(t0, ft, rest, alpha=alpha, lam=lam), tensor.dtype)
+                    for t0, ft, *rest in rows]
+        off += sum(g != e for g, e in zip(bits_of(tensor.flatten()), expected, strict=True))
+    return off
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_out_dtype_is_rounded_into_once(dtype, mixed_checkpoints, tmp_path):
+    """float32 θ₁, bf16 θ₀, ``out_dtype: bfloat16``: the kernel works in float32 and mergekit
+    casts its result to bf16; the kernel rounds straight into bf16, so that cast is a copy."""
+    reference, final = mixed_checkpoints
+    config = expo_config(reference["bf16"], final["fp32"], alpha=0.7)
+    config.update({"out_dtype": "bfloat16", **({"dtype": dtype} if dtype else {})})
+    merged = load(run_merge_in_process(config, tmp_path / "out"))
+    assert {t.dtype for t in merged.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert _exact_off(merged, load(reference["bf16"]), load(final["fp32"]), alpha="0.7") == 0
+
+
+def test_float32_iterative_merge_is_exact(zoo, mixed_checkpoints, tmp_path):
+    """float32 inputs, λ = 1 and three intermediates: θ̄ is not a float64 number in general."""
+    reference, final = mixed_checkpoints
+    sft = zoo.base("mix_sft32", hidden=64, seed=8, dtype=torch.float32)
+    mids = [zoo.relative(f"mix_mid_{i}", sft, seed=70 + i, scale=0.03, dtype=torch.float32)
+            for i in range(3)]
+    config = expo_config(reference["fp32"], *mids, final["fp32"], alpha=0.5,
+                         **{"lambda": 1.0})
+    merged = load(run_merge_in_process(config, tmp_path / "out"))
+    off = _exact_off(merged, load(reference["fp32"]), load(final["fp32"]),
+                     [load(m) for m in mids], alpha="0.5", lam="1")
+    assert off == 0

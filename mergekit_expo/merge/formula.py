@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from mergekit_expo.merge.rounding import Rounding
+
 # Elements per slice: the float64 scratch (2-3 slices of 1 MiB) stays in a core's L2 cache, and
 # the Python overhead per slice (~10 µs) is ~5 % of its arithmetic.
 CHUNK_ELEMENTS = 1 << 17
@@ -50,19 +52,24 @@ _pool_lock = threading.Lock()
 def extrapolate(
     reference: torch.Tensor, final: torch.Tensor, intermediates: Sequence[torch.Tensor] = (),
     *, alpha: float, lam: float = 0.0, out: torch.Tensor | None = None,
+    mean_of: int | None = None,
 ) -> torch.Tensor:
     """Return θ for one tensor; ``out`` (same shape, any float dtype) receives it in place.
 
-    ``intermediates`` are ignored when ``lam == 0`` (pure ExPO on ``final``).
+    ``intermediates`` are ignored when ``lam == 0`` (pure ExPO on ``final``). ``mean_of``: θ̄ is
+    the sum of ``intermediates`` over this count (default: their number), for a caller that
+    holds intermediates already summed (exactly) into fewer tensors.
     """
     return extrapolate_checked(
-        reference, final, intermediates, alpha=alpha, lam=lam, out=out, check=False
+        reference, final, intermediates, alpha=alpha, lam=lam, out=out, check=False,
+        mean_of=mean_of,
     )[0]
 
 
 def extrapolate_checked(
     reference: torch.Tensor, final: torch.Tensor, intermediates: Sequence[torch.Tensor] = (),
     *, alpha: float, lam: float = 0.0, out: torch.Tensor | None = None, check: bool = True,
+    mean_of: int | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """``extrapolate`` plus whether the result is finite, found in the same pass.
 
@@ -88,15 +95,20 @@ def extrapolate_checked(
         else torch.empty(out.numel(), dtype=out.dtype, device=out.device)
     )
     total = target.numel()
+    mean_of = mean_of or len(intermediates)
+    rounding = Rounding(alpha, lam, inputs, out.dtype, mean_of)
     workers = _workers(total, final.device)
     if workers == 1:
-        finite = _run(inputs, target, 0, total, alpha, lam, check)
+        finite = _run(inputs, target, 0, total, alpha, lam, check, rounding, mean_of)
     else:
         step = -(-total // workers)
         step = -(-step // CHUNK_ELEMENTS) * CHUNK_ELEMENTS  # whole slices per worker
         pool = _get_pool(workers)
         jobs = [
-            pool.submit(_run, inputs, target, start, min(total, start + step), alpha, lam, check)
+            pool.submit(
+                _run, inputs, target, start, min(total, start + step), alpha, lam, check,
+                rounding, mean_of,
+            )
             for start in range(0, total, step)
         ]
         finite = all([job.result() for job in jobs])
@@ -113,6 +125,8 @@ def _run(
     alpha: float,
     lam: float,
     check: bool,
+    rounding: Rounding,
+    mean_of: int,
 ) -> bool:
     """Compute ``target[begin:end]`` slice by slice; return whether it is all finite."""
     if begin >= end:
@@ -122,8 +136,12 @@ def _run(
     extremes = torch.empty(2 * count, dtype=target.dtype, device=target.device) if check else None
     for index, start in enumerate(range(begin, end, chunk)):
         stop = min(end, start + chunk)
-        block = _block([t[start:stop] for t in inputs], alpha, lam, stop - start, target.device)
+        slices = [t[start:stop] for t in inputs]
+        block, spare = _block(slices, alpha, lam, stop - start, target.device, mean_of)
         written = target[start:stop].copy_(block)
+        found = rounding.suspects(block, spare, slices, written)
+        if found is not None:  # near a rounding boundary: round the exact value once
+            rounding.fix(written, found, block, slices)
         if check:  # inf after rounding to the output dtype, or NaN, shows in the min or the max
             torch.aminmax(written, out=(extremes[2 * index], extremes[2 * index + 1]))
     return bool(torch.isfinite(extremes).all()) if check else True
@@ -186,20 +204,22 @@ def _buffers(device: torch.device, count: int) -> list[torch.Tensor]:
 
 
 def _block(
-    slices: list[torch.Tensor], alpha: float, lam: float, size: int, device: torch.device
-) -> torch.Tensor:
-    """θ for one flat slice, in float64 scratch (valid until the next call on this thread)."""
+    slices: list[torch.Tensor], alpha: float, lam: float, size: int, device: torch.device,
+    mean_of: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ for one flat slice in float64 scratch, and a spare scratch slice of the same size
+    (both valid until the next call on this thread); θ̄ = Σ intermediates / ``mean_of``."""
     final, reference, *intermediates = slices
-    count = 3 if len(intermediates) > 1 else 2
-    merged, other, *rest = (b[:size] for b in _buffers(device, count))
+    buffers = 3 if len(intermediates) > 1 else 2
+    merged, other, *rest = (b[:size] for b in _buffers(device, buffers))
     merged.copy_(final)
     if lam:
         other.copy_(intermediates[0])
         for tensor in intermediates[1:]:
             rest[0].copy_(tensor)
             other.add_(rest[0])
-        if len(intermediates) > 1:
-            other.div_(len(intermediates))
+        if mean_of > 1:
+            other.div_(mean_of)
         merged.lerp_(other, lam)
     other.copy_(reference)
-    return merged.lerp_(other, -alpha)
+    return merged.lerp_(other, -alpha), other

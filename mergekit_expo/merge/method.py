@@ -39,6 +39,7 @@ from mergekit_expo.merge.parameters import (
     number,
 )
 from mergekit_expo.merge.roles import announce, require_reference, tensor_roles
+from mergekit_expo.merge.rounding import output_dtype
 
 
 def expo_merge(group: TensorGroup, **parameters) -> torch.Tensor:
@@ -55,12 +56,17 @@ def expo_merge(group: TensorGroup, **parameters) -> torch.Tensor:
     if not roles.final.tensor.is_floating_point():
         return roles.final.tensor
     warn_if_unrelated(roles, parameters[WARN_RELATIVE_CHANGE])
+    final_tensor = roles.final.tensor
     result, finite = extrapolate_checked(
         roles.reference.tensor,
-        roles.final.tensor,
+        final_tensor,
         [entry.tensor for entry in roles.intermediates],
         alpha=alpha,
         lam=lam,
+        out=torch.empty(  # rounded once into out_dtype; mergekit's cast to it is then a copy
+            final_tensor.shape, dtype=output_dtype() or final_tensor.dtype,
+            device=final_tensor.device,
+        ),
     )
     replaced = keep_rows_reference_lacks(result, roles, group.metadata.vocabulary_axis)
     if not finite or replaced:  # the kernel's flag predates rows copied from θ_T

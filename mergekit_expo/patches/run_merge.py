@@ -36,20 +36,29 @@ def _staged(original: Callable) -> Callable:
 
         if not uses_expo(merge_config):
             return original(merge_config, out_path, options, config_source, *args, **kwargs)
+        import torch
+
         from mergekit_expo.check.findings import raise_errors
         from mergekit_expo.check.forecast import output_findings
+        from mergekit_expo.merge.rounding import rounding_into
         from mergekit_expo.output.staging import staged
         from mergekit_expo.patches import reads
         from mergekit_expo.patches.card import merging
         from mergekit_expo.patches.record import refuse_lost
+        from mergekit_expo.plan.dtypes import DtypeError, dtype_name
 
         refuse_lost(merge_config, verify=reads.RECORDS)
+        try:  # the kernel rounds once into out_dtype
+            out_name = dtype_name(merge_config.out_dtype, "out_dtype")
+        except DtypeError:  # refused, with the right spelling, by the merge's start checks
+            out_name = None
+        out_dtype = getattr(torch, out_name) if out_name else None
         if config_source is None:  # before mergekit rewrites the config into slices
             config_source = merge_config.to_yaml()
         else:  # the config as written (mergekit-yaml): keys mergekit would drop are refused
             raise_errors(_top_level_keys(config_source))
         raise_errors(output_findings(merge_config, out_path))
-        with merging(merge_config), staged(out_path) as staging:
+        with merging(merge_config), rounding_into(out_dtype), staged(out_path) as staging:
             result = original(merge_config, staging, options, config_source, *args, **kwargs)
         reads.forget_loaders(out_path)
         return result

@@ -51,6 +51,7 @@ class _Target:
     reference: torch.Tensor | None = None  # stays None for non-float tensors (merge copies θ_T)
     intermediates: tuple[torch.Tensor, ...] = ()
     dtype: torch.dtype | None = None  # what the merge's kernel sees (after ``dtype:``)
+    summed: int | None = None  # resident: the intermediates summed exactly into one float64
 
     @property
     def floating(self) -> bool:
@@ -104,7 +105,7 @@ class CandidateWeights:
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor as the merge's kernel sees it (``dtype:``); resident inputs are cast
-        already (and a resident float64 θ̄ must stay float64)."""
+        already (and a resident float64 sum of the intermediates must stay float64)."""
         if self.resident or self.input_dtype is None or tensor.dtype == self.input_dtype:
             return tensor
         return tensor.to(self.input_dtype)
@@ -199,7 +200,7 @@ class CandidateWeights:
         if not fits:
             where = "unknown" if free is None else f"{free / 1e9:.2f} GB"
             text = (
-                f"the inputs (θ₀, θ_T and the intermediates or their float64 mean θ̄) need "
+                f"the inputs (θ₀, θ_T and the intermediates or their float64 sum) need "
                 f"{need / 1e9:.2f} GB on {device}, free memory there is {where}"
                 + ("" if reserve is None else f" of which {reserve / 1e9:.2f} GB stay reserved")
             )
@@ -265,12 +266,14 @@ class CandidateWeights:
             if parameter.dtype == written == merge_dtype and parameter.device == final.device:
                 _, finite = extrapolate_checked(
                     reference, final, intermediates, alpha=alpha, lam=lam, out=parameter,
+                    mean_of=target.summed,
                 )
-            else:  # round as mergekit does: to the input dtype, then to out_dtype
-                rounded = torch.empty_like(target.final, dtype=merge_dtype)
+            else:  # rounded once into what the merge writes (out_dtype), as the merge does
+                rounded = torch.empty_like(target.final, dtype=written)
                 result = extrapolate(
                     reference, final, intermediates, alpha=alpha, lam=lam, out=rounded,
-                ).to(written)
+                    mean_of=target.summed,
+                )
                 parameter.copy_(result)
                 finite = bool(torch.isfinite(result).all())
             if not finite:
@@ -287,7 +290,7 @@ class CandidateWeights:
             pass  # the intermediates took no part
         elif len(target.intermediates) == len(search.intermediates):
             inputs += list(zip(search.intermediates, target.intermediates, strict=True))
-        else:  # their float64 mean is non-finite if any of them is
+        else:  # their float64 sum is non-finite if any of them is
             inputs += [("the intermediate checkpoints", t) for t in target.intermediates]
         for model, tensor in inputs:
             bad = int((~torch.isfinite(self._cast(tensor))).sum())
@@ -350,7 +353,7 @@ def _generation(config) -> dict:
 
 def resident_bytes(targets: list[_Target]) -> int:
     """Device memory the inputs take when resident: θ₀, θ_T and the intermediates in the merge's
-    dtype, or their float64 mean θ̄ where that is smaller."""
+    dtype, or their float64 sum where that is smaller."""
     total = 0
     for target in targets:
         size = target.final.numel() * target.dtype.itemsize
@@ -379,8 +382,8 @@ def free_device_bytes(device: torch.device) -> int | None:
 
 
 def _make_resident(target: _Target, device: torch.device) -> None:
-    """Copy one tensor's inputs onto ``device`` in the merge's dtype (θ̄ as its float64 mean if
-    that is smaller than the intermediates)."""
+    """Copy one tensor's inputs onto ``device`` in the merge's dtype (θ̄ as their exact float64
+    sum if that is smaller than the intermediates)."""
     dtype = target.dtype
 
     def moved(tensor: torch.Tensor) -> torch.Tensor:
@@ -391,19 +394,27 @@ def _make_resident(target: _Target, device: torch.device) -> None:
         return
     target.reference = moved(target.reference)
     mids = target.intermediates
+    total = None
     if len(mids) * dtype.itemsize > torch.float64.itemsize:
-        cast = [t.to(dtype) for t in mids]  # the kernel averages the cast inputs
-        target.intermediates = (_mean64(cast).to(device),)
+        total = _exact_sum64([t.to(dtype) for t in mids])  # the kernel sees the cast inputs
+    if total is not None:
+        target.intermediates, target.summed = (total.to(device),), len(mids)
     else:
         target.intermediates = tuple(moved(t) for t in mids)
 
 
-def _mean64(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """θ̄ in float64, summed in the order and way the kernel sums it (so results are identical)."""
-    mean = tensors[0].to(torch.float64, copy=True)
+def _exact_sum64(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """Σ tensors in float64 if every addition is exact (TwoSum's error is 0), else ``None``:
+    the kernel divides it by their number, so θ̄ and the result are those of the merge."""
+    total = tensors[0].to(torch.float64, copy=True)
     for tensor in tensors[1:]:
-        mean.add_(tensor.to(torch.float64))
-    return mean.div_(len(tensors))
+        value = tensor.to(torch.float64)
+        new = total + value
+        back = new - value
+        if bool(((total - back) + (value - (new - back)) != 0).any()):
+            return None
+        total = new
+    return total
 
 
 def _sample(names, count: int = 4) -> str:
