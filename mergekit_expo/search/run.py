@@ -60,6 +60,10 @@ def run_search(settings: SearchSettings) -> SearchReport:
     """Score every (α, λ) of the grid, resuming from the results file; merge the winner if asked."""
     from mergekit_expo.search.merge_config import load_search_config
 
+    from mergekit_expo.search.vllm_engine import resolve_engine
+
+    settings = settings.model_copy(update={"engine": resolve_engine(settings.engine,
+                                                                    settings.device)})
     search = load_search_config(settings.config)
     if settings.write_best is not None:  # not after hours of candidates
         refuse_write_best_target(search, settings.write_best)
@@ -451,6 +455,8 @@ def extended_key(settings, groups: list[Group], guard) -> dict[str, Any]:
         key["groups"] = [g.describe() for g in groups]
     if guard is not None:
         key |= guard.identity()
+    if settings.engine == "vllm":  # another sampler: other responses for the same seed
+        key["engine"] = {"name": "vllm", "args": settings.vllm_args}
     if settings.holdout_prompts is not None or settings.holdout_fraction:
         key["holdout"] = {"fraction": settings.holdout_fraction,
                           "file": str(settings.holdout_prompts or "")}

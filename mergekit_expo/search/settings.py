@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -87,6 +87,12 @@ class SearchSettings(BaseModel):
     max_guard_drop: float | None = Field(None, ge=0)
     holdout_prompts: Path | None = None
     holdout_fraction: float | None = Field(None, gt=0, lt=1)
+    # at scale (docs/search.md, "At scale"): the engine, its vLLM arguments, Ray workers
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    vllm_args: dict[str, Any] = {}
+    workers: int = Field(1, ge=1)
+    ray_address: str | None = None
+    worker_gpus: float = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _needs_prompts(self) -> SearchSettings:
