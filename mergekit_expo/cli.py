@@ -208,6 +208,17 @@ def check(
               help="Score the winner on these prompts (pairs with --pairs) too.")
 @click.option("--holdout-fraction", type=float, metavar="F",
               help="Hold out this share of the prompts (pairs) to score the winner on.")
+@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto",
+              show_default=True,
+              help="Generate with transformers (hf) or one vLLM engine; auto: vllm where it is "
+              "installed and --device is a GPU.")
+@click.option("--vllm-args", metavar="K=V[,K=V]",
+              help="vllm.LLM arguments, e.g. tensor_parallel_size=2,gpu_memory_utilization=0.8.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Score candidates in N Ray actors, each with its own engine and scorer.")
+@click.option("--ray-address", metavar="ADDR", help="Join this Ray cluster (e.g. auto).")
+@click.option("--worker-gpus", type=float, default=0, show_default=True,
+              help="GPUs per Ray actor (its vLLM tensor parallelism needs as many).")
 def search(config: Path, out_dir: Path, **options) -> None:
     """Grid-search α (and λ) for an expo CONFIG; results, plot and best.yml go to OUT_DIR.
 
@@ -323,7 +334,15 @@ def _extended_options(options: dict) -> dict:
         "max_guard_drop": options["max_guard_drop"],
         "holdout_prompts": options["holdout_prompts"],
         "holdout_fraction": options["holdout_fraction"],
+        "engine": options["engine"],
+        "workers": options["workers"],
+        "ray_address": options["ray_address"],
+        "worker_gpus": options["worker_gpus"],
     }
+    if options["vllm_args"]:
+        from mergekit_expo.search.vllm_engine import engine_options
+
+        out["vllm_args"] = engine_options(options["vllm_args"])
     if options["trial_alpha"]:
         low, sep, high = options["trial_alpha"].partition(":")
         try:

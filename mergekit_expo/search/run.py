@@ -106,6 +106,7 @@ def run_search(settings: SearchSettings) -> SearchReport:
 
     rows = [results.finished(*c) for c in grid]
     trials = search_trials(settings, session, rows, lambdas) if settings.trials else []
+    session.close()  # the Ray actors and their engines, if any
     if session.evaluator is not None:
         LOG.info("expo search: %s", update_summary(session.evaluator))
     everything = [*rows, *trials]
@@ -275,6 +276,8 @@ class _Session:
         self.key_settings, self.need_mids = key_settings, need_mids
         self.evaluator = None
         self.evaluated = 0
+        self.pool = None  # the Ray actors (ray_pool), made on first use
+        self.pool_wanted = settings.workers > 1 or settings.ray_address is not None
 
     def get(self):
         from mergekit_expo.search.evaluator import Evaluator
@@ -288,9 +291,29 @@ class _Session:
 
     def score(self, head: dict[str, Any], values) -> dict[str, Any]:
         """Score one candidate, append its row to the results file and return it."""
+        if self.pool_wanted:  # --workers/--ray-address: one of the pool's actors scores it
+            rows = []
+            self.get_pool().run([(head, values)], lambda *done: rows.append(self.record(*done)))
+            return rows[0]
         started = time.perf_counter()
-        row = {**head, **self.get().measure(values)}
-        row["seconds"] = round(time.perf_counter() - started, 3)
+        return self.record(head, self.get().measure(values), time.perf_counter() - started)
+
+    def get_pool(self):
+        from mergekit_expo.search.ray_pool import Pool
+
+        if self.pool is None:
+            self.pool = Pool(self)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def record(self, head: dict[str, Any], measured: dict[str, Any], seconds: float):
+        """A scored candidate's row, appended to the results file (by this process only)."""
+        row = {**head, **measured}
+        row["seconds"] = round(seconds, 3)
         row["mergekit_expo"] = __version__
         row["settings"] = self.key_settings
         self.results.append(row)
@@ -303,6 +326,11 @@ class _Session:
 
 
 def _score_candidates(session: _Session, pending) -> None:
+    if session.pool_wanted:  # every candidate to whichever actor is idle
+        jobs = [({"alpha": a, "lambda": lam}, dict.fromkeys(set(session.assignment.values()),
+                                                            (a, lam))) for a, lam in pending]
+        session.get_pool().run(jobs, session.record)
+        return
     bar = tqdm(pending, desc="Candidates", disable=not session.settings.progress)
     for alpha, lam in bar:
         bar.set_postfix_str(f"α={alpha:g} λ={lam:g}")
