@@ -201,7 +201,8 @@ def check(
 @click.option("--trial-step", type=float, default=0.05, show_default=True,
               help="Trial values are multiples of this step.")
 @click.option("--guard", metavar="SPEC",
-              help="Second score: loglik:TEXTS.jsonl, a reward-model dir, or MODULE:FUNCTION.")
+              help="Second score: loglik:TEXTS.jsonl, lm-eval:TASKS, a reward-model dir, or "
+              "MODULE:FUNCTION.")
 @click.option("--max-guard-drop", type=float, metavar="EPS",
               help="Winner: best reward among candidates whose guard fell ≤ EPS below α = 0.")
 @click.option("--holdout-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -219,6 +220,9 @@ def check(
 @click.option("--ray-address", metavar="ADDR", help="Join this Ray cluster (e.g. auto).")
 @click.option("--worker-gpus", type=float, default=0, show_default=True,
               help="GPUs per Ray actor (its vLLM tensor parallelism needs as many).")
+@click.option("--lm-eval-args", metavar="K=V[,K=V]",
+              help="With --guard lm-eval:TASKS: lm_eval.simple_evaluate arguments (limit, "
+              "num_fewshot, ...) and include_path=DIR for local task YAMLs.")
 def search(config: Path, out_dir: Path, **options) -> None:
     """Grid-search α (and λ) for an expo CONFIG; results, plot and best.yml go to OUT_DIR.
 
@@ -323,7 +327,9 @@ def search(config: Path, out_dir: Path, **options) -> None:
 
 
 def _extended_options(options: dict) -> dict:
-    """The per-group, guard and hold-out options, as SearchSettings fields."""
+    """The per-group, guard, hold-out and scale options, as SearchSettings fields."""
+    from mergekit_expo.search.settings import parse_options
+
     out = {
         "groups": list(options["groups"]),
         "layer_bands": options["layer_bands"],
@@ -339,10 +345,8 @@ def _extended_options(options: dict) -> dict:
         "ray_address": options["ray_address"],
         "worker_gpus": options["worker_gpus"],
     }
-    if options["vllm_args"]:
-        from mergekit_expo.search.vllm_engine import engine_options
-
-        out["vllm_args"] = engine_options(options["vllm_args"])
+    out["vllm_args"] = parse_options(options["vllm_args"], "--vllm-args")
+    out["lm_eval_args"] = parse_options(options["lm_eval_args"], "--lm-eval-args")
     if options["trial_alpha"]:
         low, sep, high = options["trial_alpha"].partition(":")
         try:

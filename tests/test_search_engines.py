@@ -3,6 +3,7 @@ projections split again), and a search runs through it. One engine for the whole
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +47,10 @@ def engine_weights(engine_family, tmp_path_factory):
     weights = EngineWeights(load_search_config(path), need_intermediates=True, progress=False,
                             chunk_bytes=200_000)  # several chunks even for a tiny model
     yield weights
+    weights.model.close()
 
 
-@pytest.mark.parametrize("alpha,lam", [(0.3, 0.0), (0.5, 0.4)])
+@pytest.mark.parametrize("alpha,lam", [(0.5, 0.4)])  # ExPO with θ̄: every kernel term
 def test_engine_weights_equal_mergekit_yaml_bit_for_bit(engine_weights, engine_family, alpha,
                                                         lam, tmp_path):
     engine_weights.apply(alpha, lam)  # fingerprints checked inside, at every update
@@ -77,3 +79,36 @@ def test_a_tampered_engine_weight_is_caught_by_the_fingerprint(engine_weights):
     engine_weights.model.load([(name, tensor + 1)])  # behind the candidate interface's back
     with pytest.raises(EngineMismatch, match="holds other values"):
         engine_weights.check([name])
+
+
+def test_search_with_the_vllm_engine_samples_per_candidate_and_repeats(
+        engine_weights, engine_family, tmp_path, monkeypatch):
+    from mergekit_expo.search import vllm_engine
+    from mergekit_expo.search.run import run_search
+    from mergekit_expo.search.settings import SearchSettings
+
+    # the session's running engine stands in for a new one (same model, dtype and options)
+    monkeypatch.setattr(vllm_engine, "VllmEngine", lambda *a, **k: engine_weights.model)
+    config = write_config(tmp_path / "c.yml", family_config(engine_family))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    (tmp_path / "score_mod.py").write_text(
+        "def score(prompt, response):\n    return float(len(set(response.split())))\n")
+
+    def search(out):
+        return run_search(SearchSettings.model_validate({
+            "config": config, "out_dir": tmp_path / out, "alphas": [0.0, 0.3, 4.0],
+            "lambdas": [0.5], "prompts": prompts, "progress": False, "engine": "vllm",
+            "scorer": {"kind": "callable", "function": f"{tmp_path / 'score_mod.py'}:score"},
+            "sampling": {"max_new_tokens": 8, "temperature": 0.7, "seed": 3},
+            "save_responses": True,
+        }))
+
+    first, again = search("a"), search("b")
+    responses = [row["responses"] for row in first.rows]
+    assert len(responses) == 3 and all(len(r) == len(PROMPTS) for r in responses)
+    assert responses == [row["responses"] for row in again.rows]  # same seed, same samples
+    assert responses[0] != responses[2]  # α = 4 generates from other weights than α = 0
+    assert all(0 < row["update_seconds"] for row in first.rows)
+    key = json.loads((tmp_path / "a" / "results.jsonl").read_text().splitlines()[0])["settings"]
+    assert key["engine"]["name"] == "vllm"

@@ -59,7 +59,6 @@ class SearchReport:
 def run_search(settings: SearchSettings) -> SearchReport:
     """Score every (α, λ) of the grid, resuming from the results file; merge the winner if asked."""
     from mergekit_expo.search.merge_config import load_search_config
-
     from mergekit_expo.search.vllm_engine import resolve_engine
 
     settings = settings.model_copy(update={"engine": resolve_engine(settings.engine,

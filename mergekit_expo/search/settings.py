@@ -93,6 +93,7 @@ class SearchSettings(BaseModel):
     workers: int = Field(1, ge=1)
     ray_address: str | None = None
     worker_gpus: float = Field(0, ge=0)
+    lm_eval_args: dict[str, Any] = {}  # --guard lm-eval:TASKS: passed to simple_evaluate
 
     @model_validator(mode="after")
     def _needs_prompts(self) -> SearchSettings:
@@ -141,3 +142,19 @@ def _range(text: str) -> list[float]:
     if abs(steps - round(steps)) > 1e-6:
         raise ValueError(f"grid range {text!r}: (stop - start) is not a multiple of step")
     return [round(start + i * step, 10) for i in range(round(steps) + 1)]
+
+
+def parse_options(text: str | None, flag: str) -> dict[str, Any]:
+    """``K=V,K=V`` (``--vllm-args``, ``--lm-eval-args``) as keyword arguments for the library
+    they pass through to, each value read as a YAML scalar (``2`` an int, ``true`` a bool)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {part!r}: write key=value")
+        options[key.strip()] = yaml.safe_load(value)
+    return options

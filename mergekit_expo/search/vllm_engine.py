@@ -94,6 +94,10 @@ class VllmEngine:
     def reset_cache(self) -> None:
         self.llm.reset_prefix_cache()
 
+    def close(self) -> None:
+        """Stop the engine's processes now (not when the interpreter exits)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def _single_worker(self, what: str) -> None:
         if self.tensor_parallel != 1:
             raise NotImplementedError(f"{what} needs tensor_parallel_size 1")
@@ -235,23 +239,6 @@ class VllmSampler:
             text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
             responses.append(Response(text=text, tokens=end))
         return responses
-
-
-def engine_options(text: str | None) -> dict[str, Any]:
-    """``--vllm-args 'tensor_parallel_size=2,gpu_memory_utilization=0.8'`` as keyword
-    arguments of ``vllm.LLM`` (values read as YAML scalars)."""
-    import yaml
-
-    options: dict[str, Any] = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise SearchConfigError(f"--vllm-args {part!r}: write key=value")
-        options[key.strip()] = yaml.safe_load(value)
-    return options
-
 
 
 def engine_weights(settings, search, scorer, guard, *, need_intermediates: bool) -> EngineWeights:
