@@ -120,14 +120,19 @@ def test_documented_benchmark_command_runs(form, tmp_path):
     assert re.search(EXPECTED[form], completed.stdout), completed.stdout[-3000:]
 
 
-def test_search_worked_example_runs_as_written(tmp_path):
-    """examples/search/README.md's block (the same commands as docs/search.md), verbatim."""
+def test_search_worked_example_runs_as_written(tmp_path, search_example):
+    """examples/search/README.md's block (the same commands as docs/search.md), verbatim; its
+    first command, making the models, is the session's ``search_example`` fixture."""
     (block,) = bash_blocks(ROOT / "examples" / "search" / "README.md")
-    assert "python examples/search/make_models.py /tmp/expo-example" in block
+    make = "python examples/search/make_models.py /tmp/expo-example"
+    assert make in block
     in_docs = " ".join(" ".join(b.split()) for b in bash_blocks(ROOT / "docs" / "search.md"))
     for line in block.splitlines():
         assert " ".join(line.split()) in in_docs, f"docs/search.md lacks: {line}"
-    script = block.replace("/tmp/expo-example", str(tmp_path / "example"))
+    import shutil
+
+    shutil.copytree(search_example, tmp_path / "example")  # the models, not this test's outputs
+    script = block.replace(make + "\n", "").replace("/tmp/expo-example", str(tmp_path / "example"))
     bin_dir = str(Path(sys.executable).parent)
     completed = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,

@@ -19,12 +19,14 @@ PROMPTS = ["The assistant answers the question", "A helpful answer is", "Numbers
 
 
 @pytest.fixture(scope="session")
-def engine_family(zoo):
-    """θ₀ and two aligned relatives, bf16, head_dim 64 (vLLM's CPU attention needs ≥ 32)."""
-    sft = zoo.base("engine_sft", hidden=128, heads=2, seed=7)
-    first = zoo.relative("engine_it1", sft, seed=70, scale=0.02)
-    final = zoo.relative("engine_final", first, seed=71, scale=0.02)
-    return {"sft": sft, "iterates": [first], "final": final}
+def engine_family(search_example, tmp_path_factory):
+    """The worked example's θ₀ and θ₁ (bf16, head_dim 32: vLLM's CPU attention needs ≥ 32),
+    with an intermediate between them for λ."""
+    from mergekit_expo.demo.checkpoints import derive
+
+    sft, final = search_example / "sft", search_example / "aligned"
+    middle = derive(sft, tmp_path_factory.mktemp("engine") / "middle", seed=70, scale=0.02)
+    return {"sft": sft, "iterates": [middle], "final": final}
 
 
 def family_config(family, **parameters) -> dict:
@@ -112,3 +114,33 @@ def test_search_with_the_vllm_engine_samples_per_candidate_and_repeats(
     assert all(0 < row["update_seconds"] for row in first.rows)
     key = json.loads((tmp_path / "a" / "results.jsonl").read_text().splitlines()[0])["settings"]
     assert key["engine"]["name"] == "vllm"
+
+
+def test_worked_example_runs_with_the_vllm_engine_as_documented(
+        engine_weights, search_example, tmp_path, monkeypatch):
+    """docs/search.md's ``--engine vllm`` command, word for word (in this session's folder, on
+    the session's engine, which holds the same θ_T in the same dtype)."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from mergekit_expo.cli import main
+    from mergekit_expo.search import vllm_engine
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "search.md").read_text()
+    (command,) = [" ".join(block.replace("\\\n", " ").split()) for block in
+                  docs.split("```bash\n")[1:] if "--engine vllm" in block.split("```")[0]]
+    command = command.split("```")[0].replace("/tmp/expo-example", str(tmp_path / "example"))
+    import shutil
+
+    shutil.copytree(search_example, tmp_path / "example")
+    monkeypatch.setattr(vllm_engine, "VllmEngine", lambda *a, **k: engine_weights.model)
+    words = shlex.split(command)
+    assert words[:2] == ["mergekit-expo", "search"]
+    result = CliRunner().invoke(main, words[1:], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Best: alpha = " in result.output
+    rows = [json.loads(r) for r in (tmp_path / "example" / "search-vllm" / "results.jsonl")
+            .read_text().splitlines()]
+    assert sorted(r["alpha"] for r in rows) == [0, 0.5, 1, 2, 4, 8, 16]
+    assert all(r["settings"]["engine"]["name"] == "vllm" for r in rows)
