@@ -33,6 +33,9 @@ SEARCH_BENCH_SMALL = (
     "--prompts 2 --max-new-tokens 4 --threads 1 --repeat 1"
 )
 LORA_BENCH_SMALL = "benchmarks/lora_bench.py --params 2M --repeats 1 --workdir {tmp}/lora"
+ENGINES_HELP = "benchmarks/engines_bench.py --help"
+RAY_HELP = "benchmarks/ray_bench.py --help"
+GPU_DRY = "benchmarks/gpu_engines.py --workdir {tmp}/gpu --params 1B --params 7B --dry-run"
 # every benchmark command in the docs -> how the suite runs it
 SMALLEST = {
     "python -m benchmarks run": QUICK,
@@ -59,6 +62,14 @@ SMALLEST = {
     "python -m benchmarks large --params 7B --repeats 3": LARGE_PLAN,
     "python -m benchmarks large --dry-run": LARGE_PLAN,
     "python benchmarks/lora_bench.py --params 1.1B --repeats 3": LORA_BENCH_SMALL,
+    # a vLLM engine or a Ray cluster per run: the suite runs their --help (the engine and the
+    # pool themselves are tested in test_search_engines.py and test_search_pool.py)
+    "python benchmarks/engines_bench.py --workdir /tmp/engines-bench --hidden 1024 --layers 10 "
+    "--repeat 3 --json-out benchmarks/results/engines.json": ENGINES_HELP,
+    "python benchmarks/ray_bench.py --workdir /tmp/ray-bench --json-out "
+    "benchmarks/results/ray.json": RAY_HELP,
+    "python benchmarks/gpu_engines.py --workdir /data/gpu-bench --params 1B --params 7B": GPU_DRY,
+    "python benchmarks/gpu_engines.py --workdir /tmp/gpu-bench --dry-run": GPU_DRY,
 }
 # what each smallest form must print: it ran to the end and checked its numbers
 EXPECTED = {
@@ -70,6 +81,9 @@ EXPECTED = {
     SMALLEST["python -m benchmarks staging"]: r"re-run: +in place \(mergekit alone\) [\d.]+ s",
     SEARCH_BENCH_SMALL: r'(?s)weights update per candidate median .* "scores_identical": true',
     LORA_BENCH_SMALL: r'"adapter_differing_elements_after_bf16_rounding": 0',
+    ENGINES_HELP: r"Seconds per candidate \(weight update, generation, scoring\)",
+    RAY_HELP: r"Candidates per minute: serial, 1 Ray worker, 2 Ray workers",
+    GPU_DRY: r"7B: 6\.74 B parameters .*\n.*dry run: 39 tensors",
 }
 
 

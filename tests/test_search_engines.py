@@ -99,7 +99,7 @@ def test_search_with_the_vllm_engine_samples_per_candidate_and_repeats(
 
     def search(out):
         return run_search(SearchSettings.model_validate({
-            "config": config, "out_dir": tmp_path / out, "alphas": [0.0, 0.3, 4.0],
+            "config": config, "out_dir": tmp_path / out, "alphas": [0.0, 0.3, 64.0],
             "lambdas": [0.5], "prompts": prompts, "progress": False, "engine": "vllm",
             "scorer": {"kind": "callable", "function": f"{tmp_path / 'score_mod.py'}:score"},
             "sampling": {"max_new_tokens": 8, "temperature": 0.7, "seed": 3},
@@ -110,7 +110,7 @@ def test_search_with_the_vllm_engine_samples_per_candidate_and_repeats(
     responses = [row["responses"] for row in first.rows]
     assert len(responses) == 3 and all(len(r) == len(PROMPTS) for r in responses)
     assert responses == [row["responses"] for row in again.rows]  # same seed, same samples
-    assert responses[0] != responses[2]  # α = 4 generates from other weights than α = 0
+    assert responses[0] != responses[2]  # α = 64 generates from other weights than α = 0
     assert all(0 < row["update_seconds"] for row in first.rows)
     key = json.loads((tmp_path / "a" / "results.jsonl").read_text().splitlines()[0])["settings"]
     assert key["engine"]["name"] == "vllm"
@@ -144,3 +144,58 @@ def test_worked_example_runs_with_the_vllm_engine_as_documented(
             .read_text().splitlines()]
     assert sorted(r["alpha"] for r in rows) == [0, 0.5, 1, 2, 4, 8, 16]
     assert all(r["settings"]["engine"]["name"] == "vllm" for r in rows)
+
+
+def test_what_the_vllm_engine_cannot_score_is_refused_before_it_starts(engine_family, tmp_path,
+                                                                        monkeypatch):
+    """No engine needed: these refusals come first (docs/failures.md)."""
+    from mergekit_expo.search.capability import LogLikelihoodGuard
+    from mergekit_expo.search.merge_config import SearchConfigError, load_search_config
+    from mergekit_expo.search.scorers import CallableScorer, DpoAccuracyScorer
+    from mergekit_expo.search.settings import SearchSettings, parse_options
+    from mergekit_expo.search.vllm_engine import engine_weights, resolve_engine
+
+    search = load_search_config(write_config(tmp_path / "c.yml", family_config(engine_family)))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    settings = SearchSettings.model_validate({"config": tmp_path / "c.yml", "out_dir": tmp_path,
+                                              "scorer": {"kind": "dpo", "pairs": pairs}})
+    with pytest.raises(SearchConfigError, match="the DPO scorer .* needs --engine hf"):
+        engine_weights(settings, search, DpoAccuracyScorer([], pairs, beta=0.1), None,
+                       need_intermediates=False)
+    (tmp_path / "s.py").write_text("def f(prompt, response):\n    return 0.0\n")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "hello"}) + "\n")
+    with pytest.raises(SearchConfigError, match="this --guard scores with a transformers model"):
+        engine_weights(settings, search, CallableScorer(f"{tmp_path}/s.py:f"),
+                       LogLikelihoodGuard(texts), need_intermediates=False)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as where vLLM is not installed
+    with pytest.raises(SearchConfigError, match="vLLM is not installed; pip install"):
+        resolve_engine("vllm", "cpu")
+    assert resolve_engine("auto", "cuda") == "hf" and resolve_engine("auto", "cpu") == "hf"
+    with pytest.raises(ValueError, match="--lm-eval-args 'x': write key=value"):
+        parse_options("limit=2,x", "--lm-eval-args")
+    assert parse_options("limit=2,include_path=/a b", "--x") == {"limit": 2,
+                                                                 "include_path": "/a b"}
+
+
+def test_the_engine_generates_with_the_weights_loaded(engine_weights, engine_family):
+    """Every linear layer zeroed in place: the answers must change (vLLM repacks a CPU linear
+    weight after loading; a stale packed copy would keep answering as before)."""
+    from mergekit_expo.search.generation import load_tokenizer
+    from mergekit_expo.search.settings import SamplingSettings
+    from mergekit_expo.search.vllm_engine import VllmSampler
+
+    tokenizer = load_tokenizer(engine_weights.search)
+    sampler = VllmSampler(engine_weights.model, tokenizer, PROMPTS,
+                          SamplingSettings(max_new_tokens=6, temperature=0.7, seed=1))
+    engine_weights.apply(0.0, 0.0)
+    before = [r.text for r in sampler.generate(progress=False)]
+    assert before == [r.text for r in sampler.generate(progress=False)]  # seeded: repeatable
+    held = engine_weights.model.read()
+    engine_weights.model.load([(n, t * 0) for n, t in held.items() if n.endswith("proj.weight")])
+    engine_weights.model.reset_cache()
+    after = [r.text for r in sampler.generate(progress=False)]
+    engine_weights.apply(0.0, 0.0)
+    assert after != before
+    assert [r.text for r in sampler.generate(progress=False)] == before

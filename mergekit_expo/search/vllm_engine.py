@@ -39,15 +39,17 @@ class EngineMismatch(RuntimeError):
 
 
 def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
+    try:
+        import vllm  # noqa: F401 - the engine needs it imported anyway
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_engine(engine: str, device: str) -> str:
     """``auto``: vLLM where it is installed and the search runs on a GPU, else transformers."""
     if engine == "auto":
-        return "vllm" if vllm_available() and device.startswith("cuda") else "hf"
+        return "vllm" if device.startswith("cuda") and vllm_available() else "hf"
     if engine == "vllm" and not vllm_available():
         raise SearchConfigError(
             "--engine vllm: vLLM is not installed; pip install 'mergekit-expo[vllm]' (GPU) or "
