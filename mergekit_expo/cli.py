@@ -219,13 +219,28 @@ def check(
 @click.option("--trial-step", type=float, default=0.05, show_default=True,
               help="Trial values are multiples of this step.")
 @click.option("--guard", metavar="SPEC",
-              help="Second score: loglik:TEXTS.jsonl, a reward-model dir, or MODULE:FUNCTION.")
+              help="Second score: loglik:TEXTS.jsonl, lm-eval:TASKS, a reward-model dir, or "
+              "MODULE:FUNCTION.")
 @click.option("--max-guard-drop", type=float, metavar="EPS",
               help="Winner: best reward among candidates whose guard fell ≤ EPS below α = 0.")
 @click.option("--holdout-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Score the winner on these prompts (pairs with --pairs) too.")
 @click.option("--holdout-fraction", type=float, metavar="F",
               help="Hold out this share of the prompts (pairs) to score the winner on.")
+@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto",
+              show_default=True,
+              help="Generate with transformers (hf) or one vLLM engine; auto: vllm where it is "
+              "installed and --device is a GPU.")
+@click.option("--vllm-args", metavar="K=V[,K=V]",
+              help="vllm.LLM arguments, e.g. tensor_parallel_size=2,gpu_memory_utilization=0.8.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Score candidates in N Ray actors, each with its own engine and scorer.")
+@click.option("--ray-address", metavar="ADDR", help="Join this Ray cluster (e.g. auto).")
+@click.option("--worker-gpus", type=float, default=0, show_default=True,
+              help="GPUs per Ray actor (its vLLM tensor parallelism needs as many).")
+@click.option("--lm-eval-args", metavar="K=V[,K=V]",
+              help="With --guard lm-eval:TASKS: lm_eval.simple_evaluate arguments (limit, "
+              "num_fewshot, ...) and include_path=DIR for local task YAMLs.")
 def search(config: Path, out_dir: Path, **options) -> None:
     """Grid-search α (and λ) for an expo CONFIG; results, plot and best.yml go to OUT_DIR.
 
@@ -327,7 +342,9 @@ def search(config: Path, out_dir: Path, **options) -> None:
 
 
 def _extended_options(options: dict) -> dict:
-    """The per-group, guard and hold-out options, as SearchSettings fields."""
+    """The per-group, guard, hold-out and scale options, as SearchSettings fields."""
+    from mergekit_expo.search.settings import parse_options
+
     out = {
         "groups": list(options["groups"]),
         "layer_bands": options["layer_bands"],
@@ -338,7 +355,13 @@ def _extended_options(options: dict) -> dict:
         "max_guard_drop": options["max_guard_drop"],
         "holdout_prompts": options["holdout_prompts"],
         "holdout_fraction": options["holdout_fraction"],
+        "engine": options["engine"],
+        "workers": options["workers"],
+        "ray_address": options["ray_address"],
+        "worker_gpus": options["worker_gpus"],
     }
+    out["vllm_args"] = parse_options(options["vllm_args"], "--vllm-args")
+    out["lm_eval_args"] = parse_options(options["lm_eval_args"], "--lm-eval-args")
     if options["trial_alpha"]:
         low, sep, high = options["trial_alpha"].partition(":")
         try:

@@ -78,3 +78,17 @@ def run_merge_in_process(config: dict, out: Path, **options) -> Path:
     merge_options = MergeOptions(quiet=True, **options)
     run_merge(MergeConfiguration.model_validate(config), str(out), options=merge_options)
     return out
+
+
+@pytest.fixture(scope="session")
+def search_example(tmp_path_factory) -> Path:
+    """docs/search.md's worked example models, made once per session by its own command
+    (``python examples/search/make_models.py DIR``, about a minute of training)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("search-example") / "example"
+    subprocess.run([sys.executable, "examples/search/make_models.py", str(out)], cwd=root,
+                   check=True, capture_output=True, text=True, timeout=600)
+    return out

@@ -33,6 +33,9 @@ SEARCH_BENCH_SMALL = (
     "--prompts 2 --max-new-tokens 4 --threads 1 --repeat 1"
 )
 LORA_BENCH_SMALL = "benchmarks/lora_bench.py --params 2M --repeats 1 --workdir {tmp}/lora"
+ENGINES_HELP = "benchmarks/engines_bench.py --help"
+RAY_HELP = "benchmarks/ray_bench.py --help"
+GPU_DRY = "benchmarks/gpu_engines.py --workdir {tmp}/gpu --params 1B --params 7B --dry-run"
 # every benchmark command in the docs -> how the suite runs it
 SMALLEST = {
     "python -m benchmarks run": QUICK,
@@ -61,6 +64,14 @@ SMALLEST = {
     "python benchmarks/lora_bench.py --params 1.1B --repeats 3": LORA_BENCH_SMALL,
     "python -m benchmarks exactness": "-m benchmarks exactness --elements 2K",
     "python -m benchmarks kernel-ratio": "-m benchmarks kernel-ratio --elements 256K --repeats 3",
+    # a vLLM engine or a Ray cluster per run: the suite runs their --help (the engine and the
+    # pool themselves are tested in test_search_engines.py and test_search_pool.py)
+    "python benchmarks/engines_bench.py --workdir /tmp/engines-bench --hidden 1024 --layers 10 "
+    "--repeat 3 --json-out benchmarks/results/engines.json": ENGINES_HELP,
+    "python benchmarks/ray_bench.py --workdir /tmp/ray-bench --json-out "
+    "benchmarks/results/ray.json": RAY_HELP,
+    "python benchmarks/gpu_engines.py --workdir /data/gpu-bench --params 1B --params 7B": GPU_DRY,
+    "python benchmarks/gpu_engines.py --workdir /tmp/gpu-bench --dry-run": GPU_DRY,
 }
 # what each smallest form must print: it ran to the end and checked its numbers
 EXPECTED = {
@@ -74,6 +85,9 @@ EXPECTED = {
     LORA_BENCH_SMALL: r'"adapter_differing_elements_after_bf16_rounding": 0',
     "-m benchmarks exactness --elements 2K": r"after: 0 elements off in all cases",
     "-m benchmarks kernel-ratio --elements 256K --repeats 3": r"median ratio over the cases: \d",
+    ENGINES_HELP: r"Seconds per candidate \(weight update, generation, scoring\)",
+    RAY_HELP: r"Candidates per minute: serial, 1 Ray worker, 2 Ray workers",
+    GPU_DRY: r"7B: 6\.74 B parameters .*\n.*dry run: 39 tensors",
 }
 
 
@@ -124,14 +138,19 @@ def test_documented_benchmark_command_runs(form, tmp_path):
     assert re.search(EXPECTED[form], completed.stdout), completed.stdout[-3000:]
 
 
-def test_search_worked_example_runs_as_written(tmp_path):
-    """examples/search/README.md's block (the same commands as docs/search.md), verbatim."""
+def test_search_worked_example_runs_as_written(tmp_path, search_example):
+    """examples/search/README.md's block (the same commands as docs/search.md), verbatim; its
+    first command, making the models, is the session's ``search_example`` fixture."""
     (block,) = bash_blocks(ROOT / "examples" / "search" / "README.md")
-    assert "python examples/search/make_models.py /tmp/expo-example" in block
+    make = "python examples/search/make_models.py /tmp/expo-example"
+    assert make in block
     in_docs = " ".join(" ".join(b.split()) for b in bash_blocks(ROOT / "docs" / "search.md"))
     for line in block.splitlines():
         assert " ".join(line.split()) in in_docs, f"docs/search.md lacks: {line}"
-    script = block.replace("/tmp/expo-example", str(tmp_path / "example"))
+    import shutil
+
+    shutil.copytree(search_example, tmp_path / "example")  # the models, not this test's outputs
+    script = block.replace(make + "\n", "").replace("/tmp/expo-example", str(tmp_path / "example"))
     bin_dir = str(Path(sys.executable).parent)
     completed = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,

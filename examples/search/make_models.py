@@ -2,12 +2,13 @@
 
     python examples/search/make_models.py OUT_DIR
 
-θ₀ (OUT_DIR/sft): a 2-layer Llama (hidden 64, bf16) trained from scratch on the sentences of
-``mergekit_expo.demo.checkpoints.CORPUS``. θ₁ (OUT_DIR/aligned): θ₀ fine-tuned a little further
-on the "helpful" sentences only, a stand-in for preference training. Extrapolating θ₁ away from θ₀
-makes the model say more "helpful" words; too far and it stops producing sentences at all, so
-the example scorer (``scorers.py:helpful_and_fluent``) has an optimum inside the α grid.
-Everything is local and seeded; it takes well under a minute on 2 CPU cores.
+θ₀ (OUT_DIR/sft): a 2-layer Llama (hidden 64, bf16; 2 heads of 32, the smallest head vLLM's
+CPU attention takes, so the example also runs with ``--engine vllm``) trained from scratch on
+the sentences of ``mergekit_expo.demo.checkpoints.CORPUS``. θ₁ (OUT_DIR/aligned): θ₀ fine-tuned
+a little further on the "helpful" sentences only, a stand-in for preference training.
+Extrapolating θ₁ away from θ₀ makes the model say more "helpful" words; too far and its answers
+fall apart, so the example scorer (``scorers.py:helpful_and_fluent``) has an optimum inside the
+α grid. Everything is local and seeded; it takes about a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main(out: Path) -> None:
 
     out = out.resolve()
     tokenizer = build_tokenizer()
-    build_model(out / "init", seed=0, hidden=64, layers=2, dtype=torch.float32,
+    build_model(out / "init", seed=0, hidden=64, heads=2, layers=2, dtype=torch.float32,
                 tokenizer=tokenizer)
     model = AutoModelForCausalLM.from_pretrained(out / "init", dtype=torch.float32)
     torch.manual_seed(0)

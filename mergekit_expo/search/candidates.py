@@ -93,7 +93,7 @@ class CandidateWeights:
                 weights[self.merge_dtypes[name]] += tensor.numel()
         self.tensor_dtype = weights.most_common(1)[0][0] if weights else torch.float32
         self.model_dtype = self.out_dtype or self.tensor_dtype
-        self.model = load_model(search, self.model_dtype, device)
+        self.model = self._load_model(device)
         self.targets = self._bind(final_tensors)
         del final_tensors
         self._read_reference_and_intermediates(need_intermediates, progress)
@@ -102,6 +102,10 @@ class CandidateWeights:
         self.update_seconds: float | None = None  # of the last apply()
 
     # -- reading ---------------------------------------------------------------------------
+
+    def _load_model(self, device: str):
+        """What generates: a transformers model here (a vLLM engine in ``vllm_engine``)."""
+        return load_model(self.search, self.model_dtype, device)
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor as the merge's kernel sees it (``dtype:``); resident inputs are cast

@@ -27,9 +27,15 @@ from mergekit_expo.search.scorers import (
 TEXT_EXAMPLE = '{"text": "..."} or {"prompt": "...", "completion": "..."}'
 
 
-def parse_guard(spec: str, *, device: str = "cpu", batch_size: int = 8):
-    """``loglik:TEXTS.jsonl``, a reward-model directory, or ``module:function``."""
+def parse_guard(spec: str, *, device: str = "cpu", batch_size: int = 8,
+                lm_eval_args: dict[str, Any] | None = None):
+    """``loglik:TEXTS.jsonl``, ``lm-eval:TASKS``, a reward-model directory, or
+    ``module:function``."""
     kind, sep, rest = spec.partition(":")
+    if kind == "lm-eval" and sep:
+        from mergekit_expo.search.lm_eval_guard import LmEvalGuard
+
+        return LmEvalGuard(rest, lm_eval_args, batch_size=batch_size)
     if kind == "loglik" and sep:
         return LogLikelihoodGuard(Path(rest), batch_size=batch_size)
     if Path(spec).is_dir():
@@ -167,7 +173,8 @@ def make_guard(settings, scorer):
     if settings.guard is None:
         return None
     guard = parse_guard(settings.guard, device=settings.device,
-                        batch_size=settings.sampling.batch_size)
+                        batch_size=settings.sampling.batch_size,
+                        lm_eval_args=settings.lm_eval_args)
     if guard.needs_responses and not scorer.generates:
         raise SearchConfigError(
             f"--guard {settings.guard} scores sampled responses, but the DPO scorer (--pairs) "

@@ -33,6 +33,12 @@ class Evaluator:
                 progress=settings.progress,
             )
             self.weights = UniformWeights(weights)
+        elif settings.engine == "vllm":  # one vLLM engine, its weights streamed per candidate
+            from mergekit_expo.search.vllm_engine import engine_weights
+
+            weights = engine_weights(settings, search, scorer, guard,
+                                     need_intermediates=need_intermediates)
+            self.weights = GroupedWeights(weights, assignment)
         else:
             weights = CandidateWeights(
                 search, device=settings.device, need_intermediates=need_intermediates,
@@ -54,6 +60,11 @@ class Evaluator:
 
         if scorer.generates:
             scorer.prepare(progress=self.settings.progress)
+            if self.settings.engine == "vllm":
+                from mergekit_expo.search.vllm_engine import VllmSampler
+
+                return VllmSampler(self.weights.model, self.tokenizer, data,
+                                   self.settings.sampling)
             return Sampler(self.weights.model, self.tokenizer, data, self.settings.sampling)
         scorer.prepare(self.weights, self.tokenizer, self.chat, progress=self.settings.progress)
         return None

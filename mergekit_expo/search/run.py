@@ -73,7 +73,10 @@ class SearchReport:
 def run_search(settings: SearchSettings) -> SearchReport:
     """Score every (α, λ) of the grid, resuming from the results file; merge the winner if asked."""
     from mergekit_expo.search.merge_config import load_search_config
+    from mergekit_expo.search.vllm_engine import resolve_engine
 
+    settings = settings.model_copy(update={"engine": resolve_engine(settings.engine,
+                                                                    settings.device)})
     search = load_search_config(settings.config)
     if settings.write_best is not None:  # not after hours of candidates
         refuse_write_best_target(search, settings.write_best)
@@ -115,6 +118,7 @@ def run_search(settings: SearchSettings) -> SearchReport:
 
     rows = [results.finished(*c) for c in grid]
     trials = search_trials(settings, session, rows, lambdas) if settings.trials else []
+    session.close()  # the Ray actors and their engines, if any
     if session.evaluator is not None:
         LOG.info("expo search: %s", update_summary(session.evaluator))
     everything = [*rows, *trials]
@@ -293,6 +297,8 @@ class _Session:
         self.key_settings, self.need_mids = key_settings, need_mids
         self.evaluator = None
         self.evaluated = 0
+        self.pool = None  # the Ray actors (ray_pool), made on first use
+        self.pool_wanted = settings.workers > 1 or settings.ray_address is not None
 
     def get(self):
         from mergekit_expo.search.evaluator import Evaluator
@@ -306,15 +312,35 @@ class _Session:
 
     def score(self, head: dict[str, Any], values) -> dict[str, Any]:
         """Score one candidate, append its row to the results file and return it."""
+        if self.pool_wanted:  # --workers/--ray-address: one of the pool's actors scores it
+            rows = []
+            self.get_pool().run([(head, values)], lambda *done: rows.append(self.record(*done)))
+            return rows[0]
         started = time.perf_counter()
-        evaluator = self.get()
         try:
-            row = {**head, **evaluator.measure(values)}
+            measured = self.get().measure(values)
         except ScorerError as error:  # the scorer's own code raised: what it was scoring
             raise ScorerError(
                 f"{candidate_text(head)}: {error}; {self.results.resume_note()}"
             ) from error
-        row["seconds"] = round(time.perf_counter() - started, 3)
+        return self.record(head, measured, time.perf_counter() - started)
+
+    def get_pool(self):
+        from mergekit_expo.search.ray_pool import Pool
+
+        if self.pool is None:
+            self.pool = Pool(self)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def record(self, head: dict[str, Any], measured: dict[str, Any], seconds: float):
+        """A scored candidate's row, appended to the results file (by this process only)."""
+        row = {**head, **measured}
+        row["seconds"] = round(seconds, 3)
         row["mergekit_expo"] = __version__
         row["settings"] = self.key_settings
         self.results.append(row)
@@ -327,6 +353,11 @@ class _Session:
 
 
 def _score_candidates(session: _Session, pending) -> None:
+    if session.pool_wanted:  # every candidate to whichever actor is idle
+        jobs = [({"alpha": a, "lambda": lam}, dict.fromkeys(set(session.assignment.values()),
+                                                            (a, lam))) for a, lam in pending]
+        session.get_pool().run(jobs, session.record)
+        return
     bar = tqdm(pending, desc="Candidates", disable=not session.settings.progress)
     for alpha, lam in bar:
         bar.set_postfix_str(f"α={alpha:g} λ={lam:g}")
@@ -465,6 +496,8 @@ def extended_key(settings, groups: list[Group], guard) -> dict[str, Any]:
         key["groups"] = [g.describe() for g in groups]
     if guard is not None:
         key |= guard.identity()
+    if settings.engine == "vllm":  # another sampler: other responses for the same seed
+        key["engine"] = {"name": "vllm", "args": settings.vllm_args}
     if settings.holdout_prompts is not None or settings.holdout_fraction:
         key["holdout"] = {"fraction": settings.holdout_fraction,
                           "file": str(settings.holdout_prompts or "")}

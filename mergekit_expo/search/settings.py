@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -87,6 +87,13 @@ class SearchSettings(BaseModel):
     max_guard_drop: float | None = Field(None, ge=0)
     holdout_prompts: Path | None = None
     holdout_fraction: float | None = Field(None, gt=0, lt=1)
+    # at scale (docs/search.md, "At scale"): the engine, its vLLM arguments, Ray workers
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    vllm_args: dict[str, Any] = {}
+    workers: int = Field(1, ge=1)
+    ray_address: str | None = None
+    worker_gpus: float = Field(0, ge=0)
+    lm_eval_args: dict[str, Any] = {}  # --guard lm-eval:TASKS: passed to simple_evaluate
 
     @model_validator(mode="after")
     def _needs_prompts(self) -> SearchSettings:
@@ -135,3 +142,19 @@ def _range(text: str) -> list[float]:
     if abs(steps - round(steps)) > 1e-6:
         raise ValueError(f"grid range {text!r}: (stop - start) is not a multiple of step")
     return [round(start + i * step, 10) for i in range(round(steps) + 1)]
+
+
+def parse_options(text: str | None, flag: str) -> dict[str, Any]:
+    """``K=V,K=V`` (``--vllm-args``, ``--lm-eval-args``) as keyword arguments for the library
+    they pass through to, each value read as a YAML scalar (``2`` an int, ``true`` a bool)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {part!r}: write key=value")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
