@@ -253,6 +253,7 @@ def search(config: Path, out_dir: Path, **options) -> None:
     from pydantic import ValidationError
 
     from mergekit_expo.errors import ExpoError
+    from mergekit_expo.output.console import lines_beside_bars
     from mergekit_expo.search.run import describe, run_search
     from mergekit_expo.search.settings import SearchSettings, parse_grid
 
@@ -303,7 +304,8 @@ def search(config: Path, out_dir: Path, **options) -> None:
     except (ValueError, ValidationError) as error:
         raise click.UsageError(str(error)) from None
     try:
-        report = run_search(settings)
+        with lines_beside_bars():
+            report = run_search(settings)
     except (ExpoError, FileNotFoundError) as error:
         # these name the file and line, the tensor, the setting or the candidate: no traceback
         raise click.ClickException(str(error)) from None

@@ -201,6 +201,19 @@ def test_guard_constraint_trials_resume_and_holdout(fam, tmp_path, files):
     assert len((out / "results.jsonl").read_text().splitlines()) == len(lines)
 
 
+
+def test_holdout_line_once_when_the_winner_is_the_best_uniform(fam, tmp_path, files):
+    """A uniform grid's winner is its best uniform candidate: one hold-out line, not two."""
+    config = write_config(tmp_path / "c.yml", expo(fam, fam["final"], alpha=0.3))
+    command = ["search", str(config), str(tmp_path / "search"), "--alpha", "0,8",
+               "--prompts", str(files["prompts"]), "--scorer",
+               f"{Path(__file__).resolve()}:length_score", "--max-new-tokens", "3",
+               "--batch-size", "8", "--no-progress", "--holdout-fraction", "0.25"]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    held = [line for line in result.output.splitlines() if "hold-out" in line]
+    assert len(held) == 1 and "winner = best uniform: search" in held[0], held
+
 def test_loglik_guard_equals_an_unbatched_computation(fam, tmp_path, files):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

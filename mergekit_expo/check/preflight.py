@@ -64,6 +64,10 @@ def _check(report: Report, path: Path, out_path, device: str, cache: str | None)
     from mergekit.options import MergeOptions
 
     raw = config_io.read_raw(path)
+    misspelt = config_io.misspelt_method(raw, str(path))
+    if misspelt:
+        report.findings.append(Finding("error", misspelt))
+        return
     report.findings += errors(config_io.unknown_top_level_keys(raw, str(path)))
     config = config_io.validate(raw, str(path))
     if not config_io.uses_expo(config):

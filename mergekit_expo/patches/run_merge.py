@@ -32,8 +32,11 @@ def install(merge: ModuleType) -> None:
 
 def _staged(original: Callable) -> Callable:
     def run_merge(merge_config, out_path, options, config_source=None, *args, **kwargs):
-        from mergekit_expo.plan.config import uses_expo
+        from mergekit_expo.plan.config import ConfigError, misspelt_method, uses_expo
 
+        misspelt = misspelt_method(merge_config, "the config")
+        if misspelt:  # mergekit would fail later with its own error on an unknown method
+            raise ConfigError(misspelt)
         if not uses_expo(merge_config):
             return original(merge_config, out_path, options, config_source, *args, **kwargs)
         import torch
@@ -41,6 +44,7 @@ def _staged(original: Callable) -> Callable:
         from mergekit_expo.check.findings import raise_errors
         from mergekit_expo.check.forecast import output_findings
         from mergekit_expo.merge.rounding import rounding_into
+        from mergekit_expo.output.console import lines_beside_bars
         from mergekit_expo.output.staging import staged
         from mergekit_expo.patches import reads
         from mergekit_expo.patches.card import merging
@@ -58,7 +62,8 @@ def _staged(original: Callable) -> Callable:
         else:  # the config as written (mergekit-yaml): keys mergekit would drop are refused
             raise_errors(_top_level_keys(config_source))
         raise_errors(output_findings(merge_config, out_path))
-        with merging(merge_config), rounding_into(out_dtype), staged(out_path) as staging:
+        with lines_beside_bars(), merging(merge_config), rounding_into(out_dtype), \
+                staged(out_path) as staging:
             result = original(merge_config, staging, options, config_source, *args, **kwargs)
         reads.forget_loaders(out_path)
         return result

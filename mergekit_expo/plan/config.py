@@ -27,6 +27,26 @@ def uses_expo(config: Any) -> bool:
     return getattr(config, "merge_method", None) == METHOD_NAME
 
 
+def misspelt_method(config: Any, where: str) -> str | None:
+    """A message when ``merge_method`` is no method mergekit knows but is close to ``expo``.
+
+    mergekit would stop later with its own error about an unknown method; ``exp0``, ``exop`` or
+    ``Expo`` were meant to be ours, so the refusal names the method and the spelling.
+    """
+    name = config.get("merge_method") if isinstance(config, dict) else getattr(
+        config, "merge_method", None)
+    if not isinstance(name, str) or name == METHOD_NAME:
+        return None
+    if not difflib.get_close_matches(name.lower(), [METHOD_NAME], n=1, cutoff=0.6):
+        return None
+    from mergekit.merge_methods import registered_methods
+
+    if name in {method.spec.name for method in registered_methods()}:
+        return None
+    return (f"{where}: merge_method `{name}` is not a merge method mergekit knows; "
+            f"did you mean `{METHOD_NAME}`?")
+
+
 def read_raw(path: str | Path) -> dict[str, Any]:
     """The YAML mapping of a config file; errors name the file."""
     path = Path(path)

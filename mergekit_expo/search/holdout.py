@@ -48,7 +48,7 @@ def score_holdout(session, holdout_data, winner, best_uniform, make_scorer) -> l
             continue
         ident = row.get("groups") or (row["alpha"], row["lambda"])
         if str(ident) in done:
-            out.append({**out[-1], "which": f"{out[-1]['which']} = {label}"})
+            out[-1] = {**out[-1], "which": f"{out[-1]['which']} = {label}"}  # one line
             continue
         done.add(str(ident))
         found = (cache.finished_groups(row["groups"]) if row.get("groups") is not None

@@ -107,6 +107,9 @@ def load_search_config(path: str | Path, *, lora_merge_cache: str | None = None
     path = Path(path)
     try:
         raw = config_io.read_raw(path)
+        misspelt = config_io.misspelt_method(raw, str(path))
+        if misspelt:
+            raise SearchConfigError(misspelt)
         if not config_io.uses_expo(raw):
             raise SearchConfigError(
                 f"{path}: merge_method is {raw.get('merge_method')!r}; the search tunes "

@@ -21,6 +21,12 @@ def plot_search(
     score_label: str,
 ) -> Path:
     """Write the PNG and return its path. Rows without a score (failed candidates) are skipped."""
+    return _save(search_figure(rows, winner=winner, score_label=score_label), out)
+
+
+def search_figure(rows: Sequence[dict[str, Any]], *, winner: dict[str, Any] | None,
+                  score_label: str):
+    """The search's figure (two panels sharing the α axis), not yet saved."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
@@ -40,11 +46,9 @@ def plot_search(
         if second:
             bottom.plot(alphas, [r[second] for r in line], marker="o", label=label)
     if winner is not None:
-        top.plot(
-            [winner["alpha"]], [winner["mean"]], marker="*", markersize=16, color="gold",
-            markeredgecolor="black", linestyle="none",
-            label=f"best: α = {winner['alpha']:g}, λ = {winner['lambda']:g}",
-        )
+        _ring(top, winner["alpha"], winner["mean"],
+              f"best: α = {winner['alpha']:g}, λ = {winner['lambda']:g}")
+    _alpha_scale(bottom, [r["alpha"] for r in rows])
     top.set_ylabel(f"{score_label}\n(mean ± s.e.)")
     top.grid(alpha=0.3)
     top.legend(fontsize=8)
@@ -56,7 +60,22 @@ def plot_search(
     bottom.set_xlabel("α (extrapolation)")
     bottom.grid(alpha=0.3)
     top.set_title("mergekit-expo search")
-    return _save(figure, out)
+    return figure
+
+
+def _ring(axes, x: float, y: float, label: str) -> None:
+    """The winner as a ring around its point: a filled marker on top would hide the point."""
+    axes.plot([x], [y], marker="o", markersize=15, markerfacecolor="none",
+              markeredgecolor="black", markeredgewidth=2, linestyle="none", zorder=5,
+              label=label)
+
+
+def _alpha_scale(axes, alphas: Sequence[float]) -> None:
+    """A symmetric-log α axis where the grid spans more than a decade (0, 0.1 … 25): on a
+    linear one the small values sit on top of each other. Linear up to the smallest step."""
+    nonzero = [abs(a) for a in alphas if a]
+    if nonzero and max(nonzero) > 10 * min(nonzero):
+        axes.set_xscale("symlog", linthresh=min(nonzero), linscale=0.5)
 
 
 def _second_panel(rows) -> tuple[str | None, str]:
@@ -106,8 +125,7 @@ def plot_guard(
             axes.axvline(base - max_drop, color="red", linestyle="--",
                          label=f"max guard drop ε = {max_drop:g}")
     if winner is not None and winner.get("guard_mean") is not None:
-        axes.plot([winner["guard_mean"]], [winner["mean"]], marker="*", markersize=16,
-                  color="gold", markeredgecolor="black", linestyle="none", label="winner")
+        _ring(axes, winner["guard_mean"], winner["mean"], "winner")
     axes.set_xlabel(guard_label)
     axes.set_ylabel(score_label)
     axes.grid(alpha=0.3)

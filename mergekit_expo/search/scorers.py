@@ -13,6 +13,7 @@ Each scorer has an ``identity()`` that goes into the results key, so that changi
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -296,7 +297,11 @@ def load_callable(spec: str) -> tuple[Callable[[str, str], float], Path | None]:
         ) from error
     function = getattr(module, attribute, None)
     if not callable(function):
-        raise ScorerError(f"scorer {spec!r}: {module_name} has no function {attribute!r}")
+        names = sorted(name for name, value in vars(module).items()
+                       if callable(value) and not name.startswith("_"))
+        match = difflib.get_close_matches(attribute, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {match[0]!r}?" if match else ""
+        raise ScorerError(f"scorer {spec!r}: {module_name} has no function {attribute!r}{hint}")
     try:  # a function's own file; for another callable object, the file that made it
         source = inspect.getsourcefile(function if inspect.isroutine(function) else module)
     except TypeError:
