@@ -302,6 +302,18 @@ def startup(runs, wait_quiet):
     click.echo(startup_main(runs, wait_quiet))
 
 
+@main.command(name="check-cost")
+@click.option("--runs", type=int, default=5, show_default=True,
+              help="Processes per variant (interleaved); the medians are compared.")
+@click.option("--wait-quiet", type=float, default=None,
+              help="First wait until other processes keep fewer than this many cores busy.")
+def check_cost(runs, wait_quiet):
+    """CPU seconds of `mergekit-expo check` on the demo's models, beside the imports it needs."""
+    from benchmarks.check_cost import main as check_cost_main
+
+    click.echo(check_cost_main(runs, wait_quiet))
+
+
 @main.command()
 @click.option("--params", default="500M", show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),

@@ -47,6 +47,7 @@ SMALLEST = {
     "python -m benchmarks breakdown --wait-quiet 0.3": SCALE,
     "python benchmarks/agreement.py": "benchmarks/agreement.py",
     "python -m benchmarks startup": "-m benchmarks startup --runs 3",
+    "python -m benchmarks check-cost": "-m benchmarks check-cost --runs 1",
     "python -m benchmarks staging": (
         "-m benchmarks staging --params 2M --repeats 1 --cache-dir {tmp}/cache "
         "--work-dir {tmp}/work"
@@ -80,6 +81,7 @@ EXPECTED = {
     LARGE_PLAN: r"plan: 6,738,415,616 parameters, 13\.5 GB per checkpoint; writes",
     "benchmarks/agreement.py": r"iterative alpha=1\.7 lambda=0\.2: expo 99\.99",
     "-m benchmarks startup --runs 3": r"added by the start-up hook: [+-]\d+\.\d ms wall",
+    "-m benchmarks check-cost --runs 1": r"the check beyond its imports: [+-]\d+\.\d\d s CPU",
     SMALLEST["python -m benchmarks staging"]: r"re-run: +in place \(mergekit alone\) [\d.]+ s",
     SEARCH_BENCH_SMALL: r'(?s)weights update per candidate median .* "scores_identical": true',
     LORA_BENCH_SMALL: r'"adapter_differing_elements_after_bf16_rounding": 0',

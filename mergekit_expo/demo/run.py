@@ -33,15 +33,20 @@ def write_config(path: Path, reference: Path, aligned: Path, alpha: float) -> Pa
     return path
 
 
-def run_demo(out: Path, alpha: float = DEMO_ALPHA) -> dict[str, float]:
+def build_inputs(out: Path, alpha: float = DEMO_ALPHA) -> tuple[Path, Path, Path]:
+    """The demo's two checkpoints and its ``expo.yml`` in OUT: (reference, aligned, config)."""
     from mergekit_expo.demo.checkpoints import build_model, derive
 
-    out = out.resolve()
     models = out / "models"
     # float32 keeps the reported step exact; bf16 rounding would blur it by a few percent.
     reference = build_model(models / "sft", seed=0, hidden=128, layers=2, dtype=torch.float32)
     aligned = derive(reference, models / "aligned", seed=1, scale=0.02)
-    config = write_config(out / "expo.yml", reference, aligned, alpha)
+    return reference, aligned, write_config(out / "expo.yml", reference, aligned, alpha)
+
+
+def run_demo(out: Path, alpha: float = DEMO_ALPHA) -> dict[str, float]:
+    out = out.resolve()
+    reference, aligned, config = build_inputs(out, alpha)
     merged = out / "merged"
     command = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(config), str(merged)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
