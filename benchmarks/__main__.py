@@ -304,14 +304,13 @@ def startup(runs, wait_quiet):
 
 @main.command(name="check-cost")
 @click.option("--runs", type=int, default=5, show_default=True,
-              help="Processes per variant (interleaved); the medians are compared.")
-@click.option("--wait-quiet", type=float, default=None,
-              help="First wait until other processes keep fewer than this many cores busy.")
+              help="Processes per variant, interleaved (medians); 1 for a quick look.")
+@click.option("--wait-quiet", type=float, default=None, help="As for startup.")
 def check_cost(runs, wait_quiet):
     """CPU seconds of `mergekit-expo check` on the demo's models, beside the imports it needs."""
-    from benchmarks.check_cost import main as check_cost_main
+    from benchmarks.check_cost import main as measure
 
-    click.echo(check_cost_main(runs, wait_quiet))
+    click.echo(measure(runs, wait_quiet))
 
 
 @main.command()
