@@ -37,6 +37,11 @@ def share(out: dict, expected: dict) -> float:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Prints the table of docs/numerics.md."
+    ).parse_args()  # no options: --help only
     generator = torch.Generator().manual_seed(0)
     theta0 = {
         k: (torch.randn(s, generator=generator, dtype=torch.float64) * 0.02).to(torch.bfloat16)

@@ -10,7 +10,7 @@ Importing this package is cheap on purpose: it runs at every interpreter start-u
 
 from mergekit_expo.merge import METHOD_NAME
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject reads it)
 
 
 def register() -> None:

@@ -64,6 +64,9 @@ def _report() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] in (["--help"], ["-h"]):  # ours; the rest of the arguments are mergekit-yaml's
+        print(__doc__)
+        return
     from mergekit.scripts import run_yaml
 
     marks["imports"] = time.time() - CREATED
