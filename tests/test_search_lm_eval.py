@@ -110,3 +110,5 @@ def test_lm_eval_scorer_is_the_task_metric_of_each_candidate(lm_case, tmp_path, 
         "lm_eval_args": {"include_path": str(lm_case["tasks"])}})
     for row in run_search(settings).rows:
         assert row["mean"] == pytest.approx(lm_case["expected"][row["alpha"]]), row["alpha"]
+    with pytest.raises(ValueError, match="lm-eval:TASKS scores whole tasks: hold-out"):
+        SearchSettings.model_validate({**settings.model_dump(), "holdout_fraction": 0.5})
