@@ -162,7 +162,8 @@ def check(
     "--scorer",
     "function",
     metavar="MODULE:FUNCTION",
-    help="Scorer: a Python function (prompt, response) -> float; also path/to/file.py:fn.",
+    help="Scorer: a Python function (prompt, response) -> float; also path/to/file.py:fn; "
+    "or lm-eval:TASKS, lm-eval's metric on the candidate (no --prompts; see --lm-eval-args).",
 )
 @click.option(
     "--pairs",
@@ -239,8 +240,8 @@ def check(
 @click.option("--worker-gpus", type=float, default=0, show_default=True,
               help="GPUs per Ray actor (its vLLM tensor parallelism needs as many).")
 @click.option("--lm-eval-args", metavar="K=V[,K=V]",
-              help="With --guard lm-eval:TASKS: lm_eval.simple_evaluate arguments (limit, "
-              "num_fewshot, ...) and include_path=DIR for local task YAMLs.")
+              help="With lm-eval:TASKS (--guard, --scorer): lm_eval.simple_evaluate arguments "
+              "(limit, num_fewshot, ...) and include_path=DIR for local task YAMLs.")
 def search(config: Path, out_dir: Path, **options) -> None:
     """Grid-search α (and λ) for an expo CONFIG; results, plot and best.yml go to OUT_DIR.
 
@@ -270,6 +271,8 @@ def search(config: Path, out_dir: Path, **options) -> None:
         scorer = {"kind": "dpo", "pairs": options["pairs"], "beta": options["beta"]}
     elif options["reward_model"] is not None:
         scorer = {"kind": "reward_model", "path": options["reward_model"]}
+    elif options["function"].startswith("lm-eval:"):
+        scorer = {"kind": "lm_eval", "tasks": options["function"].removeprefix("lm-eval:")}
     else:
         scorer = {"kind": "callable", "function": options["function"]}
     try:

@@ -199,3 +199,42 @@ def test_the_engine_generates_with_the_weights_loaded(engine_weights, engine_fam
     engine_weights.apply(0.0, 0.0)
     assert after != before
     assert [r.text for r in sampler.generate(progress=False)] == before
+
+
+def test_lm_eval_scores_and_guards_on_the_running_engine_as_on_transformers(
+        engine_weights, engine_family, tmp_path, monkeypatch):
+    """``--scorer``/``--guard lm-eval:TASKS`` with ``--engine vllm``: lm-eval's vLLM model class
+    runs on the session's engine (no model written, no second engine), and every document's
+    accuracy equals lm-eval's on the transformers model of the same candidate."""
+    need("lm_eval")
+    from engines import write_local_task
+
+    from mergekit_expo.search import vllm_engine
+    from mergekit_expo.search.candidates import CandidateWeights
+    from mergekit_expo.search.generation import load_tokenizer
+    from mergekit_expo.search.lm_eval_guard import LmEvalTasks
+    from mergekit_expo.search.merge_config import load_search_config
+    from mergekit_expo.search.run import run_search
+    from mergekit_expo.search.settings import SearchSettings
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    started = []
+    monkeypatch.setattr(vllm_engine, "VllmEngine",
+                        lambda *a, **k: started.append(1) or engine_weights.model)
+    config = write_config(tmp_path / "c.yml", family_config(engine_family))
+    tasks = {"include_path": str(write_local_task(tmp_path / "tasks"))}
+    report = run_search(SearchSettings.model_validate({
+        "config": config, "out_dir": tmp_path / "out", "alphas": [0.0, 1.0], "progress": False,
+        "engine": "vllm", "scorer": {"kind": "lm_eval", "tasks": "expo_local"},
+        "guard": "lm-eval:expo_local", "lm_eval_args": tasks}))
+    assert started == [1]  # one engine for the search, lm-eval included
+    assert not list((tmp_path / "out").glob("**/*.safetensors"))
+    search = load_search_config(config)
+    weights = CandidateWeights(search, progress=False)
+    on_hf = LmEvalTasks("expo_local", tasks, flag="--scorer", batch_size=8)
+    tokenizer = load_tokenizer(search, side="left")
+    for row in report.rows:
+        weights.apply(row["alpha"], row["lambda"])
+        expected = on_hf.run(weights.model, tokenizer).values
+        assert row["scores"] == expected, row["alpha"]
+        assert row["guard_mean"] == row["mean"]

@@ -224,7 +224,8 @@ def test_trials_give_back_optunas_verbosity():
     try:
         rows = run_trials(
             space, trials=3, seed=0, grid_rows=[], finished=[], lookup=lambda values: None,
-            evaluate=lambda values, number: {"mean": -abs(values["a"][0] - 0.3), "trial": number},
+            evaluate=lambda jobs: [{"mean": -abs(values["a"][0] - 0.3), "trial": number}
+                                   for values, number in jobs],
         )
         assert len(rows) == 3
         assert optuna.logging.get_verbosity() == optuna.logging.DEBUG

@@ -177,7 +177,7 @@ def make_guard(settings, scorer):
                         lm_eval_args=settings.lm_eval_args)
     if guard.needs_responses and not scorer.generates:
         raise SearchConfigError(
-            f"--guard {settings.guard} scores sampled responses, but the DPO scorer (--pairs) "
-            "samples none; use --guard loglik:TEXTS.jsonl with --pairs"
+            f"--guard {settings.guard} scores sampled responses, but the {settings.scorer.kind} "
+            "scorer samples none; use --guard loglik:TEXTS.jsonl (or lm-eval:TASKS) with it"
         )
     return guard

@@ -1,11 +1,14 @@
-"""``--guard lm-eval:TASKS``: lm-evaluation-harness on the candidate in memory, as the guard.
+"""lm-evaluation-harness on the candidate in memory: ``--guard lm-eval:TASKS`` and
+``--scorer lm-eval:TASKS``.
 
-The candidate's transformers model is handed to lm-eval as it is (``HFLM(pretrained=model)``):
-no model is written or loaded. ``--lm-eval-args`` pass through to ``lm_eval.simple_evaluate``
-(``limit``, ``num_fewshot``, ...), except ``include_path``, a folder of task YAMLs given to
-lm-eval's ``TaskManager`` (local tasks; with ``HF_DATASETS_OFFLINE=1`` nothing is fetched). The
-guard's score per document is the task's first metric (or ``metric``), averaged over every
-document of every task.
+The candidate is handed to lm-eval as it is: the transformers model as ``HFLM(pretrained=model)``,
+the running vLLM engine through :class:`~mergekit_expo.search.lm_eval_vllm.EngineLM` (lm-eval's
+own vLLM model class over the search's engine). No model is written, loaded or started.
+``--lm-eval-args`` pass through to ``lm_eval.simple_evaluate`` (``limit``, ``num_fewshot``, ...),
+except ``include_path``, a folder of task YAMLs given to lm-eval's ``TaskManager`` (local tasks;
+with ``HF_DATASETS_OFFLINE=1`` nothing is fetched), and ``metric``. The score per document is the
+task's first metric (or ``metric``); the candidate's score is their mean over every document of
+every task.
 """
 
 from __future__ import annotations
@@ -18,43 +21,31 @@ from mergekit_expo.search.scorers import Scores
 OWN_KEYS = {"include_path", "metric"}  # read here; the rest goes to simple_evaluate
 
 
-class LmEvalGuard:
-    """lm-eval tasks on the candidate (transformers engine)."""
+class LmEvalTasks:
+    """lm-eval tasks, run on a transformers model or on the search's vLLM engine."""
 
-    needs_responses = False
-
-    def __init__(self, tasks: str, args: dict[str, Any] | None = None, *, batch_size: int = 8):
+    def __init__(self, tasks: str, args: dict[str, Any] | None, *, flag: str, batch_size: int):
         import importlib.util
 
         if importlib.util.find_spec("lm_eval") is None:
-            raise SearchConfigError("--guard lm-eval: lm-eval is not installed; "
+            raise SearchConfigError(f"{flag} lm-eval: lm-eval is not installed; "
                                     "pip install 'mergekit-expo[lm-eval]'")
         self.tasks = [t for t in tasks.split(",") if t]
         if not self.tasks:
-            raise SearchConfigError("--guard lm-eval:TASKS names no task (e.g. lm-eval:arc_easy)")
-        self.args = dict(args or {})
-        self.batch_size = batch_size
-        self.tokenizer = None
+            raise SearchConfigError(f"{flag} lm-eval:TASKS names no task (e.g. lm-eval:arc_easy)")
+        self.flag, self.args, self.batch_size = flag, dict(args or {}), batch_size
 
     def identity(self) -> dict[str, Any]:
         import lm_eval
 
-        version = getattr(lm_eval, "__version__", None)
-        return {"guard": {"kind": "lm-eval", "tasks": self.tasks, "args": self.args,
-                          "lm_eval": version}}
+        return {"kind": "lm-eval", "tasks": self.tasks, "args": self.args,
+                "lm_eval": getattr(lm_eval, "__version__", None)}
 
-    def prepare(self, tokenizer, chat: bool, *, progress: bool = True) -> None:
-        self.tokenizer = tokenizer
-
-    def score(self, model, prompts, responses, *, progress: bool = True) -> Scores:
+    def run(self, model, tokenizer) -> Scores:
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        if not hasattr(model, "generate") or not hasattr(model, "config"):
-            raise SearchConfigError("--guard lm-eval runs on the transformers engine; use "
-                                    "--engine hf")
-        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
+        lm = self._model(model, tokenizer)
         passed = {k: v for k, v in self.args.items() if k not in OWN_KEYS}
         manager = TaskManager(include_path=self.args.get("include_path"))
         result = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, task_manager=manager,
@@ -65,8 +56,59 @@ class LmEvalGuard:
             metric = self.args.get("metric") or _first_metric(result["results"][task])
             values += [float(sample[metric]) for sample in samples]
         if not values:
-            raise SearchConfigError(f"--guard lm-eval:{','.join(self.tasks)} scored no document")
+            raise SearchConfigError(f"{self.flag} lm-eval:{','.join(self.tasks)} scored no "
+                                    "document")
         return Scores(values)
+
+    def _model(self, model, tokenizer):
+        if hasattr(model, "llm"):  # the search's VllmEngine: its running vllm.LLM, as it is
+            from mergekit_expo.search.lm_eval_vllm import EngineLM
+
+            return EngineLM(model.llm, tokenizer, batch_size=self.batch_size)
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+
+
+class LmEvalGuard:
+    """``--guard lm-eval:TASKS``: the tasks' metric on the candidate, as its guard."""
+
+    needs_responses = False
+    runs_on_vllm = True  # the engine computes the log-likelihoods lm-eval asks for
+
+    def __init__(self, tasks: str, args: dict[str, Any] | None = None, *, batch_size: int = 8):
+        self.tasks = LmEvalTasks(tasks, args, flag="--guard", batch_size=batch_size)
+        self.tokenizer = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"guard": self.tasks.identity()}
+
+    def prepare(self, tokenizer, chat: bool, *, progress: bool = True) -> None:
+        self.tokenizer = tokenizer
+
+    def score(self, model, prompts, responses, *, progress: bool = True) -> Scores:
+        return self.tasks.run(model, self.tokenizer)
+
+
+class LmEvalScorer:
+    """``--scorer lm-eval:TASKS``: the tasks' metric on the candidate, as its score (no prompts
+    are sampled)."""
+
+    generates = False
+    runs_on_vllm = True
+
+    def __init__(self, tasks: str, args: dict[str, Any] | None = None, *, batch_size: int = 8):
+        self.tasks = LmEvalTasks(tasks, args, flag="--scorer", batch_size=batch_size)
+        self.tokenizer = None
+
+    def identity(self) -> dict[str, Any]:
+        return self.tasks.identity()
+
+    def prepare(self, weights, tokenizer, chat: bool, *, progress: bool = True) -> None:
+        self.tokenizer = tokenizer
+
+    def evaluate(self, model, *, progress: bool = True) -> Scores:
+        return self.tasks.run(model, self.tokenizer)
 
 
 def _first_metric(summary: dict[str, Any]) -> str:

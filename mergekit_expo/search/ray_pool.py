@@ -4,8 +4,10 @@ Each actor builds its own :class:`~mergekit_expo.search.evaluator.Evaluator` (an
 with its own tensor parallelism, or transformers — and the scorer) from the run's settings,
 once, and scores whatever candidate it is given. The driver hands each candidate to an idle
 actor and writes every row to ``results.jsonl`` itself, so the file stays the run's one
-resumable record. An actor that dies is replaced and its candidate handed out again. Every
-candidate samples with the run's seed, so the rows equal those of a serial run.
+resumable record. An actor that dies is replaced and its candidate handed out again; a
+candidate that has killed ``MAX_RESTARTS + 1`` actors stops the run with a
+:class:`WorkerCrashError` that names it. Every candidate samples with the run's seed, so each
+row equals the serial run's row of the same candidate.
 """
 
 from __future__ import annotations
@@ -15,9 +17,16 @@ import time
 from collections import deque
 from typing import Any
 
+from mergekit_expo.errors import ExpoError
+from mergekit_expo.search.results import candidate_text
+
 LOG = logging.getLogger("mergekit_expo")
 
 MAX_RESTARTS = 3  # per candidate: a candidate that kills its actor again is a real failure
+
+
+class WorkerCrashError(ExpoError):
+    """A candidate whose scoring ended the process of every Ray worker it was given to."""
 
 
 class PoolWorker:
@@ -57,12 +66,13 @@ class Pool:
                           session.data, session.assignment, session.guard, session.need_mids)
         self.actors = [self._new_actor() for _ in range(settings.workers)]
         self.replaced = 0
+        self.results = session.results
 
     def _new_actor(self):
         return self.actor_class.remote(*self.arguments)
 
-    def run(self, jobs: list[tuple[Any, Any]], record) -> None:
-        """Score every ``(key, values)``; ``record(key, row, seconds)`` as each finishes."""
+    def run(self, jobs: list[tuple[dict[str, Any], Any]], record) -> None:
+        """Score every ``(head, values)``; ``record(head, row, seconds)`` as each finishes."""
         import ray
         from ray.exceptions import RayActorError
 
@@ -80,9 +90,13 @@ class Pool:
             except RayActorError as error:
                 key, values, tries = job
                 if tries >= MAX_RESTARTS:
-                    raise RuntimeError(f"candidate {key} killed {tries + 1} Ray workers") from error
+                    raise WorkerCrashError(
+                        f"{candidate_text(key)} ended {tries + 1} Ray workers in turn (each "
+                        "process exited while scoring it: out of memory, or a crash in the "
+                        "engine or the scorer; see the workers' logs); change the grid or fix "
+                        f"the scorer. {self.results.resume_note()}") from None
                 LOG.warning("expo search: a Ray worker died (%s); replacing it and scoring "
-                            "%s again", type(error).__name__, key)
+                            "%s again", type(error).__name__, candidate_text(key))
                 self.actors.remove(actor)
                 actor = self._new_actor()
                 self.actors.append(actor)

@@ -40,7 +40,7 @@ from mergekit_expo.search.results import (
     settings_key,
 )
 from mergekit_expo.search.scorers import ScorerError
-from mergekit_expo.search.settings import SearchSettings
+from mergekit_expo.search.settings import NO_PROMPTS, SearchSettings
 from mergekit_expo.search.trials import lambda_searched, search_trials
 
 LOG = logging.getLogger("mergekit_expo")
@@ -90,8 +90,8 @@ def run_search(settings: SearchSettings) -> SearchReport:
     if settings.guard is not None and (0.0, 0.0) not in grid:
         grid.insert(0, (0.0, 0.0))  # θ_T: the guard's baseline
 
-    if settings.scorer.kind == "dpo" and settings.prompts is not None:
-        LOG.warning("expo search: --prompts is not used by the DPO scorer (--pairs)")
+    if settings.scorer.kind in NO_PROMPTS and settings.prompts is not None:
+        LOG.warning("expo search: --prompts is not used by the %s scorer", settings.scorer.kind)
     data, holdout_data = split_holdout(settings, _read_data(settings))
     scorer = _make_scorer(settings, data)
     guard = make_guard(settings, scorer)
@@ -113,12 +113,13 @@ def run_search(settings: SearchSettings) -> SearchReport:
     need_mids = any(lam for _, lam in grid) or lambda_searched(settings)
     session = _Session(settings, search, scorer, data, assignment, guard, results, key_settings,
                        need_mids=need_mids)
-    if pending:
-        _score_candidates(session, pending)
-
-    rows = [results.finished(*c) for c in grid]
-    trials = search_trials(settings, session, rows, lambdas) if settings.trials else []
-    session.close()  # the Ray actors and their engines, if any
+    try:
+        if pending:
+            _score_candidates(session, pending)
+        rows = [results.finished(*c) for c in grid]
+        trials = search_trials(settings, session, rows, lambdas) if settings.trials else []
+    finally:
+        session.close()  # the Ray actors and their engines, if any (also when one failed)
     if session.evaluator is not None:
         LOG.info("expo search: %s", update_summary(session.evaluator))
     everything = [*rows, *trials]
@@ -310,12 +311,23 @@ class _Session:
             )
         return self.evaluator
 
+    def score_many(self, jobs: list[tuple[dict[str, Any], Any]]) -> list[dict[str, Any]]:
+        """Score ``[(head, values), ...]`` (in parallel with a pool), append each row to the
+        results file as it finishes, and return the rows in the order of ``jobs``."""
+        if not self.pool_wanted:
+            return [self.score(head, values) for head, values in jobs]
+        rows: dict[int, dict[str, Any]] = {}  # id of the job's head → its row
+
+        def record(head, measured, seconds):
+            rows[id(head)] = self.record(head, measured, seconds)
+
+        self.get_pool().run(jobs, record)
+        return [rows[id(head)] for head, _ in jobs]
+
     def score(self, head: dict[str, Any], values) -> dict[str, Any]:
         """Score one candidate, append its row to the results file and return it."""
         if self.pool_wanted:  # --workers/--ray-address: one of the pool's actors scores it
-            rows = []
-            self.get_pool().run([(head, values)], lambda *done: rows.append(self.record(*done)))
-            return rows[0]
+            return self.score_many([(head, values)])[0]
         started = time.perf_counter()
         try:
             measured = self.get().measure(values)
@@ -414,6 +426,8 @@ def _check_grid(search: SearchConfig, lambdas: list[float]) -> None:
 def _read_data(settings: SearchSettings):
     from mergekit_expo.search.prompts import read_pairs, read_prompts
 
+    if settings.scorer.kind == "lm_eval":  # the tasks bring their own documents
+        return []
     if settings.scorer.kind == "dpo":
         data = read_pairs(settings.scorer.pairs)
     else:
@@ -430,6 +444,10 @@ def _make_scorer(settings: SearchSettings, data):
         return scorers.CallableScorer(spec.function)
     if spec.kind == "reward_model":
         return scorers.RewardModelScorer(spec.path, device=settings.device, batch_size=batch)
+    if spec.kind == "lm_eval":
+        from mergekit_expo.search.lm_eval_guard import LmEvalScorer
+
+        return LmEvalScorer(spec.tasks, settings.lm_eval_args, batch_size=batch)
     return scorers.DpoAccuracyScorer(data, spec.pairs, beta=spec.beta, batch_size=batch)
 
 
@@ -446,7 +464,7 @@ def _key_settings(settings: SearchSettings, search: SearchConfig, scorer) -> dic
            if search.uses_adapters else {}),
         "scorer": scorer.identity(),
         "prompts_sha256": (
-            file_digest(settings.prompts) if settings.scorer.kind != "dpo" else None
+            file_digest(settings.prompts) if settings.scorer.kind not in NO_PROMPTS else None
         ),
         "limit": settings.limit,
         "sampling": settings.sampling.model_dump(),
@@ -460,6 +478,8 @@ def _score_label(settings: SearchSettings) -> str:
         return f"DPO implicit-reward accuracy (β = {spec.beta:g})"
     if spec.kind == "reward_model":
         return f"reward ({Path(spec.path).name})"
+    if spec.kind == "lm_eval":
+        return f"lm-eval ({spec.tasks})"
     module, _, function = spec.function.rpartition(":")
     return f"score ({Path(module).name}:{function})"
 

@@ -57,6 +57,16 @@ class DpoSpec(BaseModel):
     beta: float = Field(0.1, gt=0)
 
 
+class LmEvalSpec(BaseModel):
+    """``--scorer lm-eval:TASKS``: the tasks' metric on the candidate (``lm_eval_args`` apply)."""
+
+    kind: Literal["lm_eval"] = "lm_eval"
+    tasks: str = Field(description="comma-separated lm-eval task names")
+
+
+NO_PROMPTS = ("dpo", "lm_eval")  # scorers that sample no answers to prompts
+
+
 class SearchSettings(BaseModel):
     """Everything one search run needs, validated before any model is touched."""
 
@@ -67,7 +77,8 @@ class SearchSettings(BaseModel):
     alphas: Grid = list(PAPER_ALPHAS)
     lambdas: Grid | None = None  # None: the config's scalar lambda, else 0
     prompts: Path | None = None
-    scorer: CallableScorerSpec | RewardModelSpec | DpoSpec = Field(discriminator="kind")
+    scorer: CallableScorerSpec | RewardModelSpec | DpoSpec | LmEvalSpec = Field(
+        discriminator="kind")
     sampling: SamplingSettings = SamplingSettings()
     device: str = "cpu"
     # keep θ₀/θ_T/θ̄ resident on --device: auto = on an accelerator when they fit (docs/search.md)
@@ -93,12 +104,15 @@ class SearchSettings(BaseModel):
     workers: int = Field(1, ge=1)
     ray_address: str | None = None
     worker_gpus: float = Field(0, ge=0)
-    lm_eval_args: dict[str, Any] = {}  # --guard lm-eval:TASKS: passed to simple_evaluate
+    lm_eval_args: dict[str, Any] = {}  # lm-eval:TASKS (guard, scorer): to simple_evaluate
 
     @model_validator(mode="after")
     def _needs_prompts(self) -> SearchSettings:
-        if self.scorer.kind != "dpo" and self.prompts is None:
+        if self.scorer.kind not in NO_PROMPTS and self.prompts is None:
             raise ValueError("a reward-model or callable scorer needs held-out prompts (--prompts)")
+        if self.scorer.kind == "lm_eval" and (self.holdout_prompts or self.holdout_fraction):
+            raise ValueError("--scorer lm-eval:TASKS scores whole tasks: hold-out options split "
+                             "prompts or pairs; name held-out tasks in a second run instead")
         return self
 
     @model_validator(mode="after")

@@ -6,6 +6,12 @@ scratch; every finished per-group trial in ``results.jsonl`` (same results key) 
 into the study the same way, so a re-run evaluates only the trials still missing. With a guard
 and ``--max-guard-drop``, the drop beyond ε is an Optuna constraint (TPE then prefers
 feasible regions).
+
+With ``--workers N`` the study proposes N trials at a time (Optuna's ask/tell; TPE with
+``constant_liar``, so trials still running count as poor results and the N proposals spread
+out), scores them in parallel, and tells their results in trial order before it asks again.
+The proposals then depend on the seed and N only, never on which worker finishes first: a
+pooled run is reproducible for a given N and seed, and N = 1 is the serial run.
 """
 
 from __future__ import annotations
@@ -65,14 +71,16 @@ def run_trials(
     grid_rows: Sequence[dict[str, Any] | None],
     finished: Sequence[dict[str, Any]],
     lookup: Callable[[dict[str, list[float]]], dict[str, Any] | None],
-    evaluate: Callable[[dict[str, list[float]], int], dict[str, Any]],
+    evaluate: Callable[[list[tuple[dict[str, list[float]], int]]], list[dict[str, Any]]],
     guard_drop: Callable[[dict[str, Any]], float | None] | None = None,
     max_drop: float | None = None,
+    parallel: int = 1,
 ) -> list[dict[str, Any]]:
     """Run the study until it holds ``trials`` per-group trials; return their rows in order.
 
     ``finished``: per-group rows already in the results file; ``lookup`` finds a row for given
-    values; ``evaluate(values, number)`` scores a new candidate and appends its row.
+    values; ``evaluate([(values, number), ...])`` scores new candidates (in parallel if it can),
+    appends their rows and returns them in order; ``parallel``: trials proposed at a time.
     """
     import optuna
 
@@ -82,13 +90,13 @@ def run_trials(
     try:
         return _run_study(space, trials=trials, seed=seed, grid_rows=grid_rows,
                           finished=finished, lookup=lookup, evaluate=evaluate,
-                          guard_drop=guard_drop, max_drop=max_drop)
+                          guard_drop=guard_drop, max_drop=max_drop, parallel=parallel)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
 def _run_study(space, *, trials, seed, grid_rows, finished, lookup, evaluate, guard_drop,
-               max_drop) -> list[dict[str, Any]]:
+               max_drop, parallel) -> list[dict[str, Any]]:
     import optuna
     from optuna.trial import TrialState, create_trial
 
@@ -101,7 +109,8 @@ def _run_study(space, *, trials, seed, grid_rows, finished, lookup, evaluate, gu
     # the grid is the start-up design: TPE models its rows from the first trial on, so the
     # first proposals sit around the best uniform α instead of being drawn at random
     grid_count = sum(row is not None for row in grid_rows)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=0 if grid_count >= 2 else 10)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=0 if grid_count >= 2 else 10,
+                                         constant_liar=parallel > 1)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     distributions = space.distributions()
 
@@ -125,17 +134,30 @@ def _run_study(space, *, trials, seed, grid_rows, finished, lookup, evaluate, gu
     if rows:
         LOG.info("expo search: %d of %d trials already in the results file", len(rows), trials)
     while len(rows) < trials:
-        trial = study.ask(distributions)
-        values = space.values(trial.params)
-        row = lookup(values) or evaluate(values, len(rows))
-        rows.append(row)
-        if row.get("mean") is None:
-            study.tell(trial, state=TrialState.FAIL)
-            continue
-        if constrained:
-            trial.set_constraint("guard", constraint(row))
-        study.tell(trial, row["mean"])
+        asked = [study.ask(distributions) for _ in range(min(parallel, trials - len(rows)))]
+        batch = [(space.values(t.params), len(rows) + k) for k, t in enumerate(asked)]
+        for trial, row in zip(asked, _score_batch(batch, lookup, evaluate), strict=True):
+            rows.append(row)
+            if row.get("mean") is None:
+                study.tell(trial, state=TrialState.FAIL)
+                continue
+            if constrained:
+                trial.set_constraint("guard", constraint(row))
+            study.tell(trial, row["mean"])
     return rows
+
+
+def _score_batch(batch, lookup, evaluate) -> list[dict[str, Any]]:
+    """Rows for ``[(values, number), ...]``: found in the results file, else scored (values
+    proposed twice in one batch are scored once, as a serial run would find the first row)."""
+    found = [lookup(values) for values, _ in batch]
+    keys = [repr(sorted(values.items())) for values, _ in batch]
+    first = {}
+    for key, job, row in zip(keys, batch, found, strict=True):
+        if row is None:
+            first.setdefault(key, job)
+    scored = dict(zip(first, evaluate(list(first.values())), strict=True))
+    return [row or scored[key] for key, row in zip(keys, found, strict=True)]
 
 
 def lambda_searched(settings) -> bool:
@@ -154,9 +176,10 @@ def search_trials(settings, session, rows, lambdas) -> list[dict[str, Any]]:
     )
     finished = [r for r in session.results.rows.values() if r.get("groups") is not None]
 
-    def evaluate(values, number):
-        return session.score({"alpha": None, "lambda": None, "trial": number, "groups": values},
-                             {g: tuple(v) for g, v in values.items()})
+    def evaluate(jobs):
+        return session.score_many([
+            ({"alpha": None, "lambda": None, "trial": number, "groups": values},
+             {g: tuple(v) for g, v in values.items()}) for values, number in jobs])
 
     drop = None
     if session.guard is not None:
@@ -171,4 +194,5 @@ def search_trials(settings, session, rows, lambdas) -> list[dict[str, Any]]:
         space, trials=settings.trials, seed=settings.trial_seed, grid_rows=rows,
         finished=finished, lookup=session.results.finished_groups, evaluate=evaluate,
         guard_drop=drop, max_drop=settings.max_guard_drop,
+        parallel=settings.workers if session.pool_wanted else 1,
     )

@@ -245,14 +245,16 @@ class VllmSampler:
 
 def engine_weights(settings, search, scorer, guard, *, need_intermediates: bool) -> EngineWeights:
     """The vLLM engine's candidate weights for a run, after refusing what it cannot score: the
-    DPO scorer and the ``loglik:`` guard compute log-probabilities with a transformers model."""
+    DPO scorer and the ``loglik:`` guard compute log-probabilities with a transformers model
+    (lm-eval runs on the engine itself)."""
     if search.uses_adapters:
         raise SearchConfigError("--engine vllm searches full checkpoints, not BASE+ADAPTER "
                                 "configs; use --engine hf")
-    if not scorer.generates:
+    if not (scorer.generates or getattr(scorer, "runs_on_vllm", False)):
         raise SearchConfigError("--engine vllm generates answers; the DPO scorer (--pairs) "
                                 "needs --engine hf")
-    if guard is not None and not getattr(guard, "needs_responses", True):
+    if guard is not None and not (getattr(guard, "needs_responses", True)
+                                  or getattr(guard, "runs_on_vllm", False)):
         raise SearchConfigError("--engine vllm: this --guard scores with a transformers model; "
                                 "use --engine hf, or a reward-model or callable guard")
     return EngineWeights(search, need_intermediates=need_intermediates,
