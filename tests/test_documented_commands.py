@@ -163,3 +163,22 @@ def test_search_worked_example_runs_as_written(tmp_path, search_example):
     rows = (tmp_path / "example" / "search" / "results.jsonl").read_text().splitlines()
     assert sorted(json.loads(row)["alpha"] for row in rows) == [0, 0.5, 1, 2, 4, 8, 16]
     assert (tmp_path / "example" / "best" / "config.json").is_file()
+    # the sample output in docs/search.md is what the tool prints: the same lines, numbers aside
+    documented = _sample_output(ROOT / "docs" / "search.md", "Progress bars run over candidates")
+    printed = completed.stdout.replace(str(tmp_path / "example"), "/tmp/expo-example")
+    printed = printed[printed.index("Candidates (mean score"):]
+    assert sorted(map(_shape, documented.splitlines())) == sorted(
+        map(_shape, printed.splitlines())
+    ), printed
+
+
+def _sample_output(page: Path, after: str) -> str:
+    """The first ```text block of ``page`` after the sentence ``after``."""
+    text = page.read_text(encoding="utf-8")
+    start = text.index("```text\n", text.index(after)) + len("```text\n")
+    return text[start:text.index("```", start)]
+
+
+def _shape(line: str) -> str:
+    """A line of output with its numbers replaced: what must match between docs and tool."""
+    return re.sub(r"-?\d+(\.\d+)?(e-?\d+)?", "#", line.rstrip())
