@@ -96,7 +96,8 @@ class VllmEngine:
 
     def buffer(self, size: int) -> torch.Tensor:
         """A shared-memory buffer of ``size`` bytes that the workers map (one at a time; a file
-        in ``/dev/shm`` where there is one, removed when the engine closes or is collected)."""
+        in ``/dev/shm`` where there is one, removed as soon as the workers have mapped it, or
+        when the engine closes or is collected, so a killed search leaves at most one)."""
         if self._shared is None or self._shared[1].numel() != size:
             self._drop_buffer()
             folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -123,6 +124,7 @@ class VllmEngine:
             self.shared_memory = False  # from now on, bytes through the RPC
             results = self.llm.collective_rpc("expo_load", args=(
                 [pack(p[0], placed_view(buffer, p)) for p in placed],))
+        self._unlink()  # every worker has mapped it (or never will): no file left behind
         return {key: max(r[key] for r in results) for key in ("load_seconds", "repack_seconds")}
 
     def load(self, weights: list[tuple[str, torch.Tensor]]) -> None:

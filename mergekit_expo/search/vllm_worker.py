@@ -82,13 +82,14 @@ class ExpoWorkerExtension:
     def expo_load_shared(self, path: str, size: int, placed: list[Placed]) -> dict | None:
         """Load tensors the driver wrote into the shared-memory file ``path`` (only their names
         and offsets travel through the RPC); ``None`` where this worker cannot see the file
-        (another host): the driver then sends bytes."""
-        if not os.path.exists(path):
-            return None
+        (another host): the driver then sends bytes. The mapping is kept for the next calls:
+        the driver removes the file once every worker has mapped it."""
         buffers = self.__dict__.setdefault("_expo_buffers", {})
         if path not in buffers or buffers[path].numel() != size:
+            if not os.path.exists(path):
+                return None
             buffers.clear()  # the driver has one buffer at a time
-            buffers[path] = map_shared(path, size)
+            buffers[path] = map_shared(path, size)  # kept: the driver unlinks the file
         return self._expo_load_tensors([(p[0], placed_view(buffers[path], p)) for p in placed])
 
     def _expo_load_tensors(self, tensors: list[tuple[str, torch.Tensor]]) -> dict:
