@@ -3,10 +3,10 @@
 Both engines live in this process at once, on the same synthetic Llama, the same prompts and
 the same sampling settings; candidates alternate between them (hf, vllm, hf, vllm, …) so that a
 change in the machine's load hits both. Per candidate and engine it records the seconds to set
-the weights (the merge's kernel; for vLLM also the transfer, the prefix-cache reset and the
-fingerprint check), to generate, and to score (a cheap Python scorer), and prints medians and
-the ratios the docs quote: the weight update's share of a candidate, and vLLM's candidate time
-against transformers'.
+the weights (the merge's kernel; for vLLM also the fingerprints, the transfer, the load, the
+oneDNN repacking and the check, each timed on its own), to generate, and to score (a cheap
+Python scorer), and prints medians and the ratios the docs quote: the weight update's share of
+a candidate, and vLLM's candidate time against transformers'.
 
     python benchmarks/engines_bench.py --workdir /tmp/engines-bench
 
@@ -90,6 +90,8 @@ def candidate(weights, sampler, alpha: float) -> dict[str, float]:
     score([r.text for r in responses])
     times["score"] = time.perf_counter() - started
     times["tokens"] = statistics.fmean(r.tokens for r in responses)
+    for part, seconds in getattr(weights, "update_parts", {}).items():
+        times[f"update.{part}"] = seconds  # vLLM's update, step by step
     return times
 
 
@@ -128,7 +130,7 @@ def main(workdir, hidden, layers, dtypes, prompt_count, max_new_tokens, batch_si
             for name, weights, sampler in built:  # interleaved
                 runs[name].append(candidate(weights, sampler, 0.1 * (index + 1)))
         built[1][1].model.close()
-        summary = {name: {k: statistics.median(r[k] for r in rows) for k in (*PHASES, "tokens")}
+        summary = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
                    for name, rows in runs.items()}
         for values in summary.values():
             values["candidate"] = sum(values[p] for p in PHASES)
@@ -144,6 +146,9 @@ def main(workdir, hidden, layers, dtypes, prompt_count, max_new_tokens, batch_si
                        f"{values['generate']:.2f} s, score {values['score']:.3f} s; candidate "
                        f"{values['candidate']:.2f} s (update {values['update_share']:.1%}), "
                        f"{values['tokens']:.1f} tokens per answer")
+        parts = {k.removeprefix("update."): v for k, v in summary["vllm"].items()
+                 if k.startswith("update.")}
+        click.echo("  vllm update: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
         click.echo(f"  vllm / hf candidate time: {ratio:.2f}")
     if json_out:
         json_out.write_text(json.dumps(report, indent=1))

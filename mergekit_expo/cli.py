@@ -159,6 +159,13 @@ def check(
     help="Scorer: a sequence-classification reward model (one output), local dir or hub id.",
 )
 @click.option(
+    "--reward-engine",
+    type=click.Choice(["hf", "vllm"]),
+    default="hf",
+    show_default=True,
+    help="Run the --reward-model with transformers or as a vLLM pooling engine.",
+)
+@click.option(
     "--scorer",
     "function",
     metavar="MODULE:FUNCTION",
@@ -267,10 +274,13 @@ def search(config: Path, out_dir: Path, **options) -> None:
             "choose exactly one scorer: --reward-model PATH, --scorer MODULE:FUNCTION or "
             "--pairs FILE" + (f" (got {', '.join(chosen)})" if chosen else "")
         )
+    if options["reward_engine"] != "hf" and options["reward_model"] is None:
+        raise click.UsageError("--reward-engine applies to --reward-model only")
     if options["pairs"] is not None:
         scorer = {"kind": "dpo", "pairs": options["pairs"], "beta": options["beta"]}
     elif options["reward_model"] is not None:
-        scorer = {"kind": "reward_model", "path": options["reward_model"]}
+        scorer = {"kind": "reward_model", "path": options["reward_model"],
+                  "engine": options["reward_engine"]}
     elif options["function"].startswith("lm-eval:"):
         scorer = {"kind": "lm_eval", "tasks": options["function"].removeprefix("lm-eval:")}
     else:

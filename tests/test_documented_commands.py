@@ -67,8 +67,9 @@ SMALLEST = {
     "python -m benchmarks kernel-ratio": "-m benchmarks kernel-ratio --elements 256K --repeats 3",
     # a vLLM engine or a Ray cluster per run: the suite runs their --help (the engine and the
     # pool themselves are tested in test_search_engines.py and test_search_pool.py)
-    "python benchmarks/engines_bench.py --workdir /tmp/engines-bench --hidden 1024 --layers 10 "
-    "--repeat 3 --json-out benchmarks/results/engines.json": ENGINES_HELP,
+    "python benchmarks/engines_bench.py --workdir /tmp/engines-bench --hidden 1024 --layers 4 "
+    "--dtype float32 --dtype bfloat16 --prompts 16 --max-new-tokens 32 --repeat 3 "
+    "--json-out benchmarks/results/engines.json": ENGINES_HELP,
     "python benchmarks/ray_bench.py --workdir /tmp/ray-bench --json-out "
     "benchmarks/results/ray.json": RAY_HELP,
     "python benchmarks/gpu_engines.py --workdir /data/gpu-bench --params 1B --params 7B": GPU_DRY,

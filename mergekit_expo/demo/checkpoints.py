@@ -94,8 +94,10 @@ def build_reward_model(
     layers: int = 1,
     num_labels: int = 1,
     seed: int = 3,
+    heads: int | None = None,
 ) -> Path:
-    """Save a tiny float32 Llama sequence classifier (a reward model) with ``tokenizer``."""
+    """Save a tiny float32 Llama sequence classifier (a reward model) with ``tokenizer``;
+    ``heads`` defaults to head_dim 16 (vLLM's CPU attention needs head_dim ≥ 32)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
@@ -104,8 +106,8 @@ def build_reward_model(
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 16),
-        num_key_value_heads=max(1, hidden // 16),
+        num_attention_heads=heads or max(1, hidden // 16),
+        num_key_value_heads=heads or max(1, hidden // 16),
         max_position_embeddings=512,
         num_labels=num_labels,
         pad_token_id=tokenizer.pad_token_id,

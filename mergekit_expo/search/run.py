@@ -442,6 +442,10 @@ def _make_scorer(settings: SearchSettings, data):
     batch = settings.sampling.batch_size
     if spec.kind == "callable":
         return scorers.CallableScorer(spec.function)
+    if spec.kind == "reward_model" and spec.engine == "vllm":
+        from mergekit_expo.search.vllm_reward import VllmRewardScorer
+
+        return VllmRewardScorer(spec.path)
     if spec.kind == "reward_model":
         return scorers.RewardModelScorer(spec.path, device=settings.device, batch_size=batch)
     if spec.kind == "lm_eval":

@@ -131,25 +131,35 @@ class RewardModelScorer:
             self._load()
 
     def _load(self) -> None:
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        labels = AutoConfig.from_pretrained(self.path).num_labels
-        if labels != 1:
+        self._load_tokenizer()
+        model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype="auto")
+        model.config.pad_token_id = self.pad_token_id
+        self.model = model.to(self.device).eval()
+
+    def _load_tokenizer(self):
+        """The tokenizer, after checking the model has one output; returns the model's config.
+        ``pad_token_id``: the token whose trailing run the model skips to find the last token."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(self.path)
+        if config.num_labels != 1:
             raise ScorerError(
-                f"reward model {self.path} has {labels} outputs; the search needs a reward "
-                "model with a single scalar output (num_labels = 1)"
+                f"reward model {self.path} has {config.num_labels} outputs; the search needs a "
+                "reward model with a single scalar output (num_labels = 1)"
             )
         tokenizer = AutoTokenizer.from_pretrained(self.path)
-        model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype="auto")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+        self.pad_token_id = (config.pad_token_id if config.pad_token_id is not None
+                             else tokenizer.pad_token_id)
         tokenizer.padding_side = "right"
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         limit = tokenizer.model_max_length
         self.max_length = limit if limit and limit < 1_000_000 else None
-        self.tokenizer, self.model = tokenizer, model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        return config
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], *, progress=True) -> Scores:

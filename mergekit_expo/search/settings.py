@@ -49,6 +49,7 @@ class CallableScorerSpec(BaseModel):
 class RewardModelSpec(BaseModel):
     kind: Literal["reward_model"] = "reward_model"
     path: str
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: a pooling engine (search/vllm_reward.py)
 
 
 class DpoSpec(BaseModel):

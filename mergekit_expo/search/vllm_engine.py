@@ -15,7 +15,10 @@ passed as token ids, so both engines see the same prompts.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,7 +27,15 @@ import torch
 from mergekit_expo.search.candidates import CandidateWeights, _Target, _warn_if_configs_differ
 from mergekit_expo.search.generation import Response, encode_prompt, uses_chat_template
 from mergekit_expo.search.merge_config import SearchConfigError
-from mergekit_expo.search.vllm_worker import fingerprint, pack, unpack
+from mergekit_expo.search.vllm_worker import (
+    ALIGN,
+    Placed,
+    fingerprint,
+    map_shared,
+    pack,
+    placed_view,
+    unpack,
+)
 
 LOG = logging.getLogger("mergekit_expo")
 
@@ -76,13 +87,53 @@ class VllmEngine:
             "torch."), seed=seed, worker_extension_cls=WORKER_EXTENSION,
             enable_prefix_caching=True, **settings)
         self.tensor_parallel = int(settings["tensor_parallel_size"])
+        self.shared_memory = True  # until a worker cannot see the shared buffer
+        self._shared: tuple[str, torch.Tensor] | None = None
         self.start_seconds = time.perf_counter() - started
         self.dtype = dtype
         config = self.llm.llm_engine.model_config.hf_config
         self.generation_eos = getattr(config, "eos_token_id", None)
 
+    def buffer(self, size: int) -> torch.Tensor:
+        """A shared-memory buffer of ``size`` bytes that the workers map (one at a time; a file
+        in ``/dev/shm`` where there is one, removed as soon as the workers have mapped it, or
+        when the engine closes or is collected, so a killed search leaves at most one)."""
+        if self._shared is None or self._shared[1].numel() != size:
+            self._drop_buffer()
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            handle, path = tempfile.mkstemp(prefix="mergekit-expo-", suffix=".weights",
+                                            dir=folder)
+            try:
+                os.ftruncate(handle, size)
+            finally:
+                os.close(handle)
+            self._unlink = weakref.finalize(self, _remove, path)
+            self._shared = (path, map_shared(path, size))
+        return self._shared[1]
+
+    def load_placed(self, placed: list[Placed]) -> dict[str, float]:
+        """Load the tensors written into :meth:`buffer` at ``placed``: only names and offsets
+        travel through the RPC. A worker that cannot see the file (another host) gets bytes.
+        Returns the slowest worker's seconds loading and repacking."""
+        path, buffer = self._shared
+        results = None
+        if self.shared_memory:
+            results = self.llm.collective_rpc("expo_load_shared",
+                                              args=(path, buffer.numel(), placed))
+        if results is None or any(r is None for r in results):
+            self.shared_memory = False  # from now on, bytes through the RPC
+            results = self.llm.collective_rpc("expo_load", args=(
+                [pack(p[0], placed_view(buffer, p)) for p in placed],))
+        self._unlink()  # every worker has mapped it (or never will): no file left behind
+        return {key: max(r[key] for r in results) for key in ("load_seconds", "repack_seconds")}
+
     def load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        self.llm.collective_rpc("expo_load", args=([pack(n, t) for n, t in weights],))
+        """Load checkpoint-named tensors (copied into the shared buffer first)."""
+        placed, size = layout([(n, t.dtype, list(t.shape)) for n, t in weights])
+        buffer = self.buffer(max(size, self._shared[1].numel() if self._shared else 0))
+        for (_, tensor), where in zip(weights, placed, strict=True):
+            placed_view(buffer, where).copy_(tensor)
+        self.load_placed(placed)
 
     def read(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Every tensor the engine computes with, under checkpoint names (tensor parallel 1)."""
@@ -99,10 +150,35 @@ class VllmEngine:
     def close(self) -> None:
         """Stop the engine's processes now (not when the interpreter exits)."""
         self.llm.llm_engine.engine_core.shutdown()
+        self._drop_buffer()
+
+    def _drop_buffer(self) -> None:
+        if self._shared is not None:
+            self._shared = None
+            self._unlink()
 
     def _single_worker(self, what: str) -> None:
         if self.tensor_parallel != 1:
             raise NotImplementedError(f"{what} needs tensor_parallel_size 1")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def layout(tensors: list[tuple[str, torch.dtype, list[int]]]) -> tuple[list[Placed], int]:
+    """Where each tensor goes in a shared buffer (aligned offsets), and the bytes it needs."""
+    placed, offset = [], 0
+    for name, dtype, shape in tensors:
+        placed.append((name, str(dtype).removeprefix("torch."), list(shape), offset))
+        count = 1
+        for size in shape:
+            count *= size
+        offset += -(-count * dtype.itemsize // ALIGN) * ALIGN
+    return placed, offset
 
 
 class EngineWeights(CandidateWeights):
@@ -116,6 +192,8 @@ class EngineWeights(CandidateWeights):
         self.chunk_bytes, self.verify = chunk_bytes, verify
         self.fingerprint_seconds: float | None = None  # of the last check
         self.sent: dict[str, int] = {}  # fingerprint of what each engine tensor should hold
+        self.update_parts: dict[str, float] = {}  # seconds per step of the last update
+        self._buffer_bytes: int | None = None
         super().__init__(search, device="cpu", need_intermediates=need_intermediates,
                          progress=progress, inputs_on_device="no")
 
@@ -150,24 +228,48 @@ class EngineWeights(CandidateWeights):
         self._stream(None, reference)
 
     def _stream(self, only, fill: Callable[[set[str]], None]) -> None:
+        """Each chunk is computed straight into the shared buffer the workers map, its
+        fingerprints taken, then loaded by the workers; ``update_parts`` keeps the seconds of
+        each step (the last update's)."""
+        parts = dict.fromkeys(("kernel", "fingerprint", "transfer", "load", "repack", "check"),
+                              0.0)
         sent: list[str] = []
         for chunk in self._chunks(only):
-            names = {t.name for t in chunk}
-            for target in chunk:
-                target.parameter = torch.empty(target.final.shape, dtype=self.model_dtype)
+            placed, _ = layout([(t.name, self.model_dtype, list(t.final.shape)) for t in chunk])
+            buffer = self.model.buffer(self._capacity())
+            for target, where in zip(chunk, placed, strict=True):
+                target.parameter = placed_view(buffer, where)
             try:
-                fill(names)
-                pairs = [(t.name, t.parameter) for t in chunk]
+                started = time.perf_counter()
+                fill({t.name for t in chunk})
+                parts["kernel"] += time.perf_counter() - started
                 if self.verify:
-                    self.sent |= {name: fingerprint(tensor) for name, tensor in pairs}
-                    sent += names
-                self.model.load(pairs)
+                    started = time.perf_counter()
+                    self.sent |= {t.name: fingerprint(t.parameter) for t in chunk}
+                    parts["fingerprint"] += time.perf_counter() - started
+                    sent += [t.name for t in chunk]
+                started = time.perf_counter()
+                worker = self.model.load_placed(placed)
+                parts["transfer"] += time.perf_counter() - started - sum(worker.values())
+                parts["load"] += worker["load_seconds"]
+                parts["repack"] += worker["repack_seconds"]
             finally:
                 for target in chunk:
                     target.parameter = None
         self.model.reset_cache()
         if sent and self.model.tensor_parallel == 1:
+            started = time.perf_counter()
             self.check(sent)
+            parts["check"] = time.perf_counter() - started
+        self.update_parts = parts
+
+    def _capacity(self) -> int:
+        """The shared buffer's size: the largest chunk, laid out."""
+        if self._buffer_bytes is None:
+            self._buffer_bytes = max(
+                layout([(t.name, self.model_dtype, list(t.final.shape)) for t in chunk])[1]
+                for chunk in self._chunks(None))
+        return self._buffer_bytes
 
     def check(self, names: list[str]) -> None:
         """The engine's tensors ``names`` are the ones last sent (fingerprints compared)."""

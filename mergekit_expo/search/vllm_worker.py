@@ -17,21 +17,28 @@ This module imports only torch at the top: vLLM imports it in every worker.
 
 from __future__ import annotations
 
-import torch
+import os
+import time
+import zlib
 
-FINGERPRINT_MODULUS = 65521  # positions are weighted 1…65521, so a moved element changes it
+import torch
 
 
 def fingerprint(tensor: torch.Tensor) -> int:
-    """A cheap exact digest of a tensor's bits (integer sums: independent of summation order)."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    bits = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[
-        flat.element_size()]).to(torch.int64)
-    weights = torch.arange(bits.numel(), dtype=torch.int64) % FINGERPRINT_MODULUS + 1
-    return int((bits * weights.to(bits.device)).sum()) ^ (bits.numel() << 1)
+    """CRC-32 of a tensor's bytes: one pass at memory speed. Any change confined to one element
+    (≤ 32 bits, a burst) changes it with certainty; any other change, with odds 1 − 2⁻³²."""
+    flat = tensor.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous()
+    bits = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[
+        flat.element_size()])
+    return zlib.crc32(bits.numpy()) ^ (flat.numel() << 32)
 
 
 Packed = tuple[str, str, list[int], bytes]  # name, dtype, shape, raw bytes
+Placed = tuple[str, str, list[int], int]  # name, dtype, shape, byte offset in a shared buffer
+ALIGN = 64  # bytes: every tensor in a shared buffer starts on a cache line
 
 
 def pack(name: str, tensor: torch.Tensor) -> Packed:
@@ -47,22 +54,56 @@ def unpack(packed: Packed) -> tuple[str, torch.Tensor]:
     return name, flat.view(getattr(torch, dtype)).reshape(shape)
 
 
+def map_shared(path: str, size: int) -> torch.Tensor:
+    """The bytes of a shared-memory file, mapped (writes are seen by every process mapping it)."""
+    return torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+
+
+def placed_view(buffer: torch.Tensor, placed: Placed) -> torch.Tensor:
+    """The tensor :data:`Placed` describes, as a view of ``buffer`` (no copy)."""
+    _, dtype, shape, offset = placed
+    dtype = getattr(torch, dtype)
+    count = 1
+    for size in shape:
+        count *= size
+    return buffer[offset:offset + count * dtype.itemsize].view(dtype).view(shape)
+
+
 class ExpoWorkerExtension:
     """Methods vLLM adds to its worker class (``self`` is the worker)."""
 
     def _expo_model(self) -> torch.nn.Module:
         return self.model_runner.model
 
-    def expo_load(self, weights: list[Packed]) -> list[str]:
-        """Load checkpoint-named tensors into the running model; returns the vLLM parameters
-        written. Every layer whose plain weight was dropped after packing gets it back first."""
+    def expo_load(self, weights: list[Packed]) -> dict:
+        """Load checkpoint-named tensors sent as bytes (:func:`pack`) into the running model."""
+        return self._expo_load_tensors([unpack(packed) for packed in weights])
+
+    def expo_load_shared(self, path: str, size: int, placed: list[Placed]) -> dict | None:
+        """Load tensors the driver wrote into the shared-memory file ``path`` (only their names
+        and offsets travel through the RPC); ``None`` where this worker cannot see the file
+        (another host): the driver then sends bytes. The mapping is kept for the next calls:
+        the driver removes the file once every worker has mapped it."""
+        buffers = self.__dict__.setdefault("_expo_buffers", {})
+        if path not in buffers or buffers[path].numel() != size:
+            if not os.path.exists(path):
+                return None
+            buffers.clear()  # the driver has one buffer at a time
+            buffers[path] = map_shared(path, size)  # kept: the driver unlinks the file
+        return self._expo_load_tensors([(p[0], placed_view(buffers[path], p)) for p in placed])
+
+    def _expo_load_tensors(self, tensors: list[tuple[str, torch.Tensor]]) -> dict:
+        """Every layer whose plain weight was dropped after packing gets it back first; returns
+        the vLLM parameters written and the seconds spent loading and repacking."""
         model = self._expo_model()
         device = next(model.parameters()).device
+        started = time.perf_counter()
         _restore_plain_weights(model)
-        tensors = [unpack(packed) for packed in weights]
         loaded = model.load_weights(weights=[(n, t.to(device)) for n, t in tensors])
+        loaded_at = time.perf_counter()
         _repack(model, set(loaded))
-        return sorted(loaded)
+        return {"loaded": sorted(loaded), "load_seconds": loaded_at - started,
+                "repack_seconds": time.perf_counter() - loaded_at}
 
     def expo_read(self, names: list[str] | None = None) -> list[Packed]:
         """The tensors the engine computes with, under checkpoint names (:func:`pack`ed)."""
