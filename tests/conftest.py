@@ -82,13 +82,21 @@ def run_merge_in_process(config: dict, out: Path, **options) -> Path:
 
 @pytest.fixture(scope="session")
 def search_example(tmp_path_factory) -> Path:
-    """docs/search.md's worked example models, made once per session by its own command
-    (``python examples/search/make_models.py DIR``, about a minute of training)."""
+    """docs/search.md's worked example models, made once per test run by its own command
+    (``python examples/search/make_models.py DIR``, about a minute of training); under
+    pytest-xdist the workers share one copy (made by the first, under a file lock)."""
     import subprocess
     import sys
 
+    from filelock import FileLock
+
     root = Path(__file__).resolve().parents[1]
-    out = tmp_path_factory.mktemp("search-example") / "example"
-    subprocess.run([sys.executable, "examples/search/make_models.py", str(out)], cwd=root,
-                   check=True, capture_output=True, text=True, timeout=600)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above every worker's own
+    out = shared / "search-example" / "example"
+    with FileLock(str(shared / "search-example.lock")):
+        if not (out / "expo.yml").is_file():
+            subprocess.run([sys.executable, "examples/search/make_models.py", str(out)],
+                           cwd=root, check=True, capture_output=True, text=True, timeout=600)
     return out
