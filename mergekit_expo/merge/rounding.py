@@ -224,10 +224,14 @@ class Rounding:
         torch.add(y, magic, out=work).add_(scale, alpha=factor)
         work.sub_(scale, alpha=factor).sub_(magic)  # both exact: what is left is on the grid
         written.copy_(work)
+        # A written +0 is exact where s/2 is a normal number of the output: x ≠ 0 is farther
+        # than s/2 + E from 0, so its y rounds to a multiple of s ≠ 0. Then the sizes are
+        # |bits| − 1, and a zero counts as the largest.
         sizes = bits.view(torch.int16)[: written.numel()]
-        torch.bitwise_and(written.view(torch.int16), 0x7FFF, out=sizes)
-        limit = (floor + grid.emax) << (grid.precision - 1)  # the bits of 2^floor
-        if int(sizes.amin()) < limit:  # rare: exact zeros, cancellation, subnormal outputs
+        zeros = int(step / 2 >= self.small_limit)
+        torch.sub(written.view(torch.int16), zeros, out=sizes).bitwise_and_(0x7FFF)
+        limit = ((floor + grid.emax) << (grid.precision - 1)) - zeros  # the bits of 2^floor
+        if int(sizes.amin()) < limit:  # rare: cancellation, subnormal outputs
             index = (sizes < limit).nonzero().view(-1)
             if index.numel() <= FEW:
                 values = [t.index_select(0, index) for t in inputs]
