@@ -204,8 +204,10 @@ class Rounding:
         among them) are rounded from fractions, or by ``fix`` where there are many.
         """
         largest, gap = _exponent_range(inputs, bits)
-        if not math.isfinite(largest) or gap == 0 or largest == 0:
+        if not math.isfinite(largest):
             return False
+        if gap == 0:  # a zero or a subnormal: the last bits of the nonzero inputs
+            gap = min(_last_bit(tensor, bits) for tensor in inputs)
         error = self.bound * largest
         step = 2.0 ** (math.floor(math.log2(error)) + 2)  # E < step / 2 ≤ 2E
         grid = self.grid
@@ -369,6 +371,18 @@ def _fields(dtype: torch.dtype) -> tuple[torch.dtype, int, int, int]:
     fraction = -round(math.log2(info.eps))
     field = ((1 << (info.bits - 1 - fraction)) - 1) << fraction
     return _INTEGER[info.bits // 8], fraction, field, (field >> fraction) >> 1
+
+
+def _last_bit(tensor: torch.Tensor, scratch: torch.Tensor) -> float:
+    """The smallest last bit among the nonzero elements of ``tensor`` (inf if all are 0)."""
+    integer, fraction, _, bias = _fields(tensor.dtype)
+    magnitude = torch.iinfo(integer).max
+    sizes = scratch.view(integer)[: tensor.numel()]
+    torch.sub(tensor.view(integer), 1, out=sizes).bitwise_and_(magnitude)  # ±0 → the largest
+    low = int(sizes.amin()) + 1
+    if low > magnitude:
+        return math.inf
+    return 2.0 ** (max(low >> fraction, 1) - bias - fraction)  # subnormals: the smallest step
 
 
 def _smallest(written: torch.Tensor, scratch: torch.Tensor) -> float:
