@@ -212,7 +212,14 @@ class Rounding:
         step = 2.0 ** (math.floor(math.log2(error)) + 2)  # E < step / 2 ≤ 2E
         grid = self.grid
         # below ``small`` a midpoint's last bit / L may be under step / 2 + E
-        small = max(error * self.denominator * 2.0 ** (grid.precision + 4), self.small_limit)
+        small = error * self.denominator * 2.0 ** (grid.precision + 4)
+        # Results in the output's subnormal range are rounded on its fixed step (M's binade is
+        # at least the smallest normal one) where C is a multiple of that step, small next to
+        # its M, and the subnormal midpoints' last bit / L exceeds s/2 + E; else they are small.
+        lowest = grid.emin - grid.precision  # the subnormal midpoints' last bit
+        if not (2.0 ** (lowest - 49) <= step <= 2.0 ** (lowest - 1)
+                and self.denominator * (step / 2 + error) < 2.0**lowest):
+            small = max(small, self.small_limit)
         floor = math.ceil(math.log2(2 * small))  # |written| ≥ 2^floor: |y| ≥ small
         if step / 2 + error >= gap / self.denominator or floor > grid.emax:
             return False
@@ -222,7 +229,8 @@ class Rounding:
         magic = 1.5 * step * 2.0**52
         scale = bits.view(torch.int64)
         torch.bitwise_and(y.view(torch.int64), _EXPONENT, out=scale)
-        scale, factor = scale.view(torch.float64), 1.5 * 2.0 ** (53 - grid.precision)
+        scale = scale.view(torch.float64).clamp_min_(2.0**grid.emin)
+        factor = 1.5 * 2.0 ** (53 - grid.precision)
         torch.add(y, magic, out=work).add_(scale, alpha=factor)
         work.sub_(scale, alpha=factor).sub_(magic)  # both exact: what is left is on the grid
         written.copy_(work)
@@ -232,7 +240,7 @@ class Rounding:
         sizes = bits.view(torch.int16)[: written.numel()]
         zeros = int(step / 2 >= self.small_limit)
         torch.sub(written.view(torch.int16), zeros, out=sizes).bitwise_and_(0x7FFF)
-        limit = ((floor + grid.emax) << (grid.precision - 1)) - zeros  # the bits of 2^floor
+        limit = max(_bits_of_power(floor, grid), 1 - zeros) - zeros
         if int(sizes.amin()) < limit:  # rare: cancellation, subnormal outputs
             index = (sizes < limit).nonzero().view(-1)
             if index.numel() <= FEW:
@@ -371,6 +379,14 @@ def _fields(dtype: torch.dtype) -> tuple[torch.dtype, int, int, int]:
     fraction = -round(math.log2(info.eps))
     field = ((1 << (info.bits - 1 - fraction)) - 1) << fraction
     return _INTEGER[info.bits // 8], fraction, field, (field >> fraction) >> 1
+
+
+def _bits_of_power(exponent: int, grid: Grid) -> int:
+    """The bits of 2^exponent in ``grid``'s format (0 below its smallest subnormal)."""
+    if exponent >= grid.emin:
+        return (exponent + grid.emax) << (grid.precision - 1)
+    shift = exponent - (grid.emin - grid.precision + 1)
+    return 1 << shift if shift >= 0 else 0
 
 
 def _last_bit(tensor: torch.Tensor, scratch: torch.Tensor) -> float:
