@@ -217,8 +217,9 @@ class Rounding:
         # at least the smallest normal one) where C is a multiple of that step, small next to
         # its M, and the subnormal midpoints' last bit / L exceeds s/2 + E; else they are small.
         lowest = grid.emin - grid.precision  # the subnormal midpoints' last bit
-        if not (2.0 ** (lowest - 49) <= step <= 2.0 ** (lowest - 1)
-                and self.denominator * (step / 2 + error) < 2.0**lowest):
+        subnormals = (2.0 ** (lowest - 49) <= step <= 2.0 ** (lowest - 1)
+                      and self.denominator * (step / 2 + error) < 2.0**lowest)
+        if not subnormals:
             small = max(small, self.small_limit)
         floor = math.ceil(math.log2(2 * small))  # |written| ≥ 2^floor: |y| ≥ small
         if step / 2 + error >= gap / self.denominator or floor > grid.emax:
@@ -229,7 +230,9 @@ class Rounding:
         magic = 1.5 * step * 2.0**52
         scale = bits.view(torch.int64)
         torch.bitwise_and(y.view(torch.int64), _EXPONENT, out=scale)
-        scale = scale.view(torch.float64).clamp_min_(2.0**grid.emin)
+        scale = scale.view(torch.float64)
+        if subnormals:
+            scale.clamp_min_(2.0**grid.emin)
         factor = 1.5 * 2.0 ** (53 - grid.precision)
         torch.add(y, magic, out=work).add_(scale, alpha=factor)
         work.sub_(scale, alpha=factor).sub_(magic)  # both exact: what is left is on the grid
