@@ -35,7 +35,7 @@ from fractions import Fraction
 import pytest
 import torch
 from conftest import run_merge_in_process, write_config
-from reference import load
+from reference import bits_of, exact_formula, load, round_bits
 from safetensors.torch import save_file
 from test_merge_graph import expo_config
 
@@ -321,3 +321,61 @@ def test_an_exact_zero_comes_out_as_zero():
 def _mid(final: float, first: float, second: float) -> Fraction:
     final = Fraction(final)
     return final + Fraction("0.3") * ((Fraction(first) + Fraction(second)) / 2 - final)
+
+
+@pytest.mark.parametrize("planted", [3, 400])  # rounded from fractions; many: through ``fix``
+def test_cancellations_among_ordinary_weights(planted):
+    """θ₀ ≈ (13/3)·θ₁ ≈ 10⁻¹¹ among ordinary bf16 weights (where the kernel rounds a whole
+    slice at once): θ₁ + 0.3(θ₁ − θ₀) cancels to ~10⁻¹³, below the slice's error bound relative
+    to its largest weight, and is rounded on its own; every element is the exact value rounded
+    once, bit for bit."""
+    gen = torch.Generator().manual_seed(planted)
+    theta0 = (torch.randn(4096, generator=gen) * 0.02).to(torch.bfloat16)
+    theta1 = (theta0.float() + torch.randn(4096, generator=gen) * 0.0007).to(torch.bfloat16)
+    at = torch.randperm(4096, generator=gen)[:planted]
+    sign = torch.randint(0, 2, (planted,), generator=gen) * 2 - 1
+    small = ((torch.rand(planted, generator=gen) + 1) * 1e-11 * sign).to(torch.bfloat16)
+    theta1[at] = small
+    theta0[at] = (small.double() * 13 / 3).to(torch.bfloat16)
+    out = extrapolate(theta0, theta1, alpha=0.3)
+    expected = [
+        round_bits(exact_formula(t0, t1, alpha="0.3"), torch.bfloat16)
+        for t0, t1 in zip(theta0.tolist(), theta1.tolist(), strict=True)
+    ]
+    got = bits_of(out)
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
+    assert not wrong, (len(wrong), wrong[:5])
+
+
+ZERO_ROWS = [  # θ₀, θ_T, θ₁, θ₂ with an exact 0 at α 0.5, λ 0.3 (test_an_exact_zero_...)
+    (0.000732421875, -0.002685546875, 0.006103515625, 0.008056640625),
+    (-0.0003662109375, 0.0013427734375, -0.0042724609375, -0.0028076171875),
+    (-0.09375, 0.34375, -0.96875, -0.84375),
+]
+
+
+@pytest.mark.parametrize("planted", [3, 40])  # rounded from fractions; more: through ``fix``
+def test_exact_zeros_among_ordinary_weights(planted):
+    """Exact zeros, which float64 misses by up to ~1e-17, among ordinary bf16 weights (where
+    the kernel rounds a whole slice at once): each comes out +0, and every other element is
+    the exact value rounded once, bit for bit."""
+    gen = torch.Generator().manual_seed(planted)
+    theta0 = torch.randn(4096, generator=gen) * 0.02
+    chain = [theta0 + torch.randn(4096, generator=gen) * 0.0007 for _ in range(3)]
+    columns = [t.to(torch.bfloat16) for t in (theta0, *chain)]  # θ₀, θ_T, θ₁, θ₂
+    at = torch.randperm(4096, generator=gen)[:planted]
+    rows = torch.tensor(ZERO_ROWS, dtype=torch.float64)[torch.arange(planted) % 3]
+    scale = torch.ldexp(torch.randint(0, 2, (planted,), generator=gen) * 2.0 - 1,
+                        -torch.randint(0, 6, (planted,), generator=gen))
+    for column, values in zip(columns, (rows * scale[:, None]).T, strict=True):
+        column[at] = values.to(torch.bfloat16)
+    theta0, final, first, second = columns
+    out = extrapolate(theta0, final, [first, second], alpha=0.5, lam=0.3)
+    expected = [
+        round_bits(exact_formula(t0, ft, (i1, i2), alpha="0.5", lam="0.3"), torch.bfloat16)
+        for t0, ft, i1, i2 in zip(*(c.tolist() for c in columns), strict=True)
+    ]
+    assert all(expected[i] == 0 for i in at.tolist())
+    got = bits_of(out)
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
+    assert not wrong, (len(wrong), wrong[:5])

@@ -134,14 +134,17 @@ def _run(
     chunk = _chunk(target.device)
     count = -(-(end - begin) // chunk)
     extremes = torch.empty(2 * count, dtype=target.dtype, device=target.device) if check else None
+    snaps = rounding.snaps
     for index, start in enumerate(range(begin, end, chunk)):
         stop = min(end, start + chunk)
         slices = [t[start:stop] for t in inputs]
-        block, spare = _block(slices, alpha, lam, stop - start, target.device, mean_of)
-        written = target[start:stop].copy_(block)
-        found = rounding.suspects(block, spare, slices, written)
-        if found is not None:  # near a rounding boundary: round the exact value once
-            rounding.fix(written, found, block, slices)
+        block, spare, third = _block(slices, alpha, lam, stop - start, target.device, mean_of)
+        written = target[start:stop]
+        if not (snaps and rounding.snap(block, written, slices, spare, third)):
+            written.copy_(block)
+            found = rounding.suspects(block, spare, slices, written)
+            if found is not None:  # near a rounding boundary: round the exact value once
+                rounding.fix(written, found, block, slices)
         if check:  # inf after rounding to the output dtype, or NaN, shows in the min or the max
             torch.aminmax(written, out=(extremes[2 * index], extremes[2 * index + 1]))
     return bool(torch.isfinite(extremes).all()) if check else True
@@ -206,20 +209,19 @@ def _buffers(device: torch.device, count: int) -> list[torch.Tensor]:
 def _block(
     slices: list[torch.Tensor], alpha: float, lam: float, size: int, device: torch.device,
     mean_of: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """θ for one flat slice in float64 scratch, and a spare scratch slice of the same size
-    (both valid until the next call on this thread); θ̄ = Σ intermediates / ``mean_of``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """θ for one flat slice in float64 scratch, and two spare scratch slices of the same size
+    (all valid until the next call on this thread); θ̄ = Σ intermediates / ``mean_of``."""
     final, reference, *intermediates = slices
-    buffers = 3 if len(intermediates) > 1 else 2
-    merged, other, *rest = (b[:size] for b in _buffers(device, buffers))
+    merged, other, rest = (b[:size] for b in _buffers(device, 3))
     merged.copy_(final)
     if lam:
         other.copy_(intermediates[0])
         for tensor in intermediates[1:]:
-            rest[0].copy_(tensor)
-            other.add_(rest[0])
+            rest.copy_(tensor)
+            other.add_(rest)
         if mean_of > 1:
             other.div_(mean_of)
         merged.lerp_(other, lam)
     other.copy_(reference)
-    return merged.lerp_(other, -alpha), other
+    return merged.lerp_(other, -alpha), other, rest

@@ -6,7 +6,8 @@ error (from α and λ as doubles and from its own operations), and torch casts f
 or float16 through float32, which rounds twice. ``Rounding.suspects`` finds, per slice and with
 a few vectorised operations, every element whose float64 value lies within a rigorous error bound
 of a midpoint of the output grid (or is too small for the bound to be relative, or is in the
-output's subnormal range); ``Rounding.fix`` rounds exactly those again, correctly:
+output's subnormal range); ``Rounding.fix`` rounds exactly those again, correctly (for bf16
+and fp16 outputs, ``Rounding.snap`` first tries a cheaper way for the whole slice):
 
 - the cell of the output grid around the float64 value (``frexp``): the two neighbours and their
   midpoint μ, all exact in float64;
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import reduce
+from functools import cache, reduce
 
 import torch
 
@@ -182,6 +183,77 @@ class Rounding:
         self.small_limit = 2.0 ** (grid.emin + 1)  # the output's subnormals and next binade
         self.tie_limit = 2.0 ** (grid.precision + 3) * denominator  # see suspects()
 
+    @property
+    def snaps(self) -> bool:
+        """Whether ``snap`` may apply: bf16 and fp16 outputs (torch casts through float32)."""
+        return self.grid is not None and self.grid.precision < 24
+
+    def snap(self, y: torch.Tensor, written: torch.Tensor, inputs: list[torch.Tensor],
+             work: torch.Tensor, bits: torch.Tensor) -> bool:
+        """Write the exact θ of this slice into ``written`` from its float64 values ``y`` with
+        a few whole-slice operations; ``False`` (nothing written) where the slice's inputs do not
+        allow it. ``work``, ``bits``: float64 buffers of ``y``'s size that may be overwritten.
+
+        With E the float64 error bound and g the inputs' smallest last bit, an exact value x
+        off a midpoint μ of the output grid has |x − μ| ≥ min(g, μ's last bit) / L (see
+        ``suspects``). Rounding y to a multiple of a power of two s with E < s/2 and
+        s/2 + E < that distance moves every y that lies within E of a midpoint onto it (x *is*
+        μ: a tie) and keeps every other y strictly on x's side of every midpoint. That value is
+        then rounded once, half to even, to the output grid in float64 (no float32 step), and
+        torch's cast of the result is exact. Elements too small for the distance (exact zeros
+        among them) are rounded from fractions, or by ``fix`` where there are many.
+        """
+        largest, gap = _exponent_range(inputs, bits)
+        if not math.isfinite(largest):
+            return False
+        if gap == 0:  # a zero or a subnormal: the last bits of the nonzero inputs
+            gap = min(_last_bit(tensor, bits) for tensor in inputs)
+        error = self.bound * largest
+        step = 2.0 ** (math.floor(math.log2(error)) + 2)  # E < step / 2 ≤ 2E
+        grid = self.grid
+        # below ``small`` a midpoint's last bit / L may be under step / 2 + E
+        small = error * self.denominator * 2.0 ** (grid.precision + 4)
+        # Results in the output's subnormal range are rounded on its fixed step (M's binade is
+        # at least the smallest normal one) where C is a multiple of that step, small next to
+        # its M, and the subnormal midpoints' last bit / L exceeds s/2 + E; else they are small.
+        lowest = grid.emin - grid.precision  # the subnormal midpoints' last bit
+        subnormals = (2.0 ** (lowest - 49) <= step <= 2.0 ** (lowest - 1)
+                      and self.denominator * (step / 2 + error) < 2.0**lowest)
+        if not subnormals:
+            small = max(small, self.small_limit)
+        floor = math.ceil(math.log2(2 * small))  # |written| ≥ 2^floor: |y| ≥ small
+        if step / 2 + error >= gap / self.denominator or floor > grid.emax:
+            return False
+        # y + C − C with C = 1.5 · 2^52 · step rounds y to a multiple of step; adding
+        # M = 1.5 · 2^(e + 53 − precision) (2^e: y's binade) in between rounds that, once and to
+        # even, to the output grid (C is a multiple of the sum's last bit: it changes nothing)
+        magic = 1.5 * step * 2.0**52
+        scale = bits.view(torch.int64)
+        torch.bitwise_and(y.view(torch.int64), _EXPONENT, out=scale)
+        scale = scale.view(torch.float64)
+        if subnormals:
+            scale.clamp_min_(2.0**grid.emin)
+        factor = 1.5 * 2.0 ** (53 - grid.precision)
+        torch.add(y, magic, out=work).add_(scale, alpha=factor)
+        work.sub_(scale, alpha=factor).sub_(magic)  # both exact: what is left is on the grid
+        written.copy_(work)
+        # A written +0 is exact where s/2 is a normal number of the output: x ≠ 0 is farther
+        # than s/2 + E from 0, so its y rounds to a multiple of s ≠ 0. Then the sizes are
+        # |bits| − 1, and a zero counts as the largest.
+        sizes = bits.view(torch.int16)[: written.numel()]
+        zeros = int(step / 2 >= self.small_limit)
+        torch.sub(written.view(torch.int16), zeros, out=sizes).bitwise_and_(0x7FFF)
+        limit = max(_bits_of_power(floor, grid), 1 - zeros) - zeros
+        if int(sizes.amin()) < limit:  # rare: cancellation, subnormal outputs
+            index = (sizes < limit).nonzero().view(-1)
+            if index.numel() <= FEW:
+                values = [t.index_select(0, index) for t in inputs]
+                written[index] = torch.tensor(self._by_fractions(values), dtype=written.dtype,
+                                              device=written.device)
+            else:
+                self.fix(written, Found(index, False, error, small), y, inputs)
+        return True
+
     def _window(self, y: torch.Tensor, out: torch.Tensor, exact_ties: bool) -> torch.Tensor:
         """(tail − midpoint + W) mod 2^tail of y's bits, as the fraction of a float in [1, 2):
         0 … 2W is the window around the midpoint; with ``exact_ties``, XOR W and − 1 move the
@@ -284,6 +356,7 @@ class Rounding:
 
 
 _INTEGER = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_EXPONENT = 0x7FF0000000000000  # a float64's exponent field: its bits alone are 2^e
 
 
 def _exponent_range(inputs: list[torch.Tensor], scratch: torch.Tensor) -> tuple[float, float]:
@@ -291,19 +364,44 @@ def _exponent_range(inputs: list[torch.Tensor], scratch: torch.Tensor) -> tuple[
     inf/NaN), and the last bit of the smallest nonzero one (0 if one is 0 or subnormal)."""
     largest, gap = 0.0, math.inf
     for tensor in inputs:
-        info = torch.finfo(tensor.dtype)
-        integer = _INTEGER[tensor.element_size()]
-        fraction = -round(math.log2(info.eps))
-        field = ((1 << (info.bits - 1 - fraction)) - 1) << fraction  # the exponent bits
+        integer, fraction, field, bias = _fields(tensor.dtype)
         exponents = scratch.view(integer)[: tensor.numel()]
         torch.bitwise_and(tensor.view(integer), field, out=exponents)
-        low, high = (int(v) >> fraction for v in torch.aminmax(exponents))
-        bias = (field >> fraction) >> 1
+        low, high = (v >> fraction for v in torch.stack(torch.aminmax(exponents)).tolist())
         if high == field >> fraction:
             return math.inf, 0.0
         largest = max(largest, 2.0 ** (high - bias + 1))
         gap = min(gap, 0.0 if low == 0 else 2.0 ** (low - bias - fraction))
     return largest, gap
+
+
+@cache
+def _fields(dtype: torch.dtype) -> tuple[torch.dtype, int, int, int]:
+    """A float format's integer view, fraction bits, exponent field mask and bias."""
+    info = torch.finfo(dtype)
+    fraction = -round(math.log2(info.eps))
+    field = ((1 << (info.bits - 1 - fraction)) - 1) << fraction
+    return _INTEGER[info.bits // 8], fraction, field, (field >> fraction) >> 1
+
+
+def _bits_of_power(exponent: int, grid: Grid) -> int:
+    """The bits of 2^exponent in ``grid``'s format (0 below its smallest subnormal)."""
+    if exponent >= grid.emin:
+        return (exponent + grid.emax) << (grid.precision - 1)
+    shift = exponent - (grid.emin - grid.precision + 1)
+    return 1 << shift if shift >= 0 else 0
+
+
+def _last_bit(tensor: torch.Tensor, scratch: torch.Tensor) -> float:
+    """The smallest last bit among the nonzero elements of ``tensor`` (inf if all are 0)."""
+    integer, fraction, _, bias = _fields(tensor.dtype)
+    magnitude = torch.iinfo(integer).max
+    sizes = scratch.view(integer)[: tensor.numel()]
+    torch.sub(tensor.view(integer), 1, out=sizes).bitwise_and_(magnitude)  # ±0 → the largest
+    low = int(sizes.amin()) + 1
+    if low > magnitude:
+        return math.inf
+    return 2.0 ** (max(low >> fraction, 1) - bias - fraction)  # subnormals: the smallest step
 
 
 def _smallest(written: torch.Tensor, scratch: torch.Tensor) -> float:
