@@ -100,3 +100,17 @@ def search_example(tmp_path_factory) -> Path:
             subprocess.run([sys.executable, "examples/search/make_models.py", str(out)],
                            cwd=root, check=True, capture_output=True, text=True, timeout=600)
     return out
+
+
+def search_inputs(zoo: Zoo, root: Path, name: str, *, seed: int, final_seed: int, scale: float,
+                  prompts: list[str]) -> tuple[Path, Path]:
+    """A search's inputs in ``root``: an expo config over a tiny θ₀ and θ_T, and a prompts file."""
+    import json
+
+    sft = zoo.base(f"{name}_sft", hidden=64, seed=seed)
+    final = zoo.relative(f"{name}_final", sft, seed=final_seed, scale=scale)
+    config = write_config(root / "c.yml", {"merge_method": "expo", "base_model": str(sft),
+                                           "models": [{"model": str(final)}]})
+    prompt_file = root / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return config, prompt_file

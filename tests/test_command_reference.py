@@ -38,7 +38,8 @@ def render() -> str:
 
 def test_the_reference_is_the_commands_help():
     assert PAGE.read_text(encoding="utf-8") == render(), (
-        "docs/commands.md differs from the commands' --help: run python tests/test_command_reference.py"
+        "docs/commands.md differs from the commands' --help: "
+        "run python tests/test_command_reference.py"
     )
 
 

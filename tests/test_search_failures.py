@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import write_config
+from conftest import search_inputs, write_config
 
 from mergekit_expo.cli import main
 from mergekit_expo.search.run import run_search
@@ -46,12 +46,8 @@ def score(prompt, response):
 def inputs(zoo, tmp_path_factory) -> dict[str, Path]:
     """θ₀ and θ_T (the search tests' first pair), a config, prompts and a file scorer."""
     root = tmp_path_factory.mktemp("search_failures")
-    sft = zoo.base("search_sft", hidden=64, seed=5)
-    final = zoo.relative("search_it0", sft, seed=40, scale=0.02)
-    config = write_config(root / "c.yml", {"merge_method": "expo", "base_model": str(sft),
-                                           "models": [{"model": str(final)}]})
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    config, prompts = search_inputs(zoo, root, "search", seed=5, final_seed=40, scale=0.02,
+                                    prompts=PROMPTS)
     scorer = root / "scorer.py"
     scorer.write_text(SCORER)
     return {"config": config, "prompts": prompts, "scorer": scorer}

@@ -4,11 +4,10 @@ scored again, and a candidate that keeps killing workers stops the run with one 
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest
-from conftest import write_config
+from conftest import search_inputs
 from engines import need
 
 from mergekit_expo.search.run import run_search
@@ -21,12 +20,8 @@ TIMING = {"seconds", "update_seconds", "settings", "key"}  # key: the scorer's n
 @pytest.fixture(scope="module")
 def pool_case(zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("pool")
-    sft = zoo.base("pool_sft", hidden=64, seed=8)
-    final = zoo.relative("pool_final", sft, seed=80, scale=0.03)
-    config = write_config(root / "c.yml", {"merge_method": "expo", "base_model": str(sft),
-                                           "models": [{"model": str(final)}]})
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    config, prompts = search_inputs(zoo, root, "pool", seed=8, final_seed=80, scale=0.03,
+                                    prompts=PROMPTS)
     scorer = root / "pool_scorer.py"
     scorer.write_text(textwrap.dedent(f"""
         import os
