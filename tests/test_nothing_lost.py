@@ -107,6 +107,21 @@ def test_write_best_into_an_input_is_refused_before_the_first_candidate(inputs_c
         refuse_write_best_target(load_search_config(config), dpo)
 
 
+def test_a_search_out_dir_inside_an_input_is_refused_before_anything_is_read(inputs_copy,
+                                                                              tmp_path):
+    from mergekit_expo.search.merge_config import SearchConfigError, load_search_config
+    from mergekit_expo.search.run import refuse_out_dir_in_an_input
+
+    sft, dpo = inputs_copy
+    config = write_config(tmp_path / "expo.yml", config_for(sft, dpo))
+    search = load_search_config(config)
+    for out_dir in (dpo, dpo / "search"):
+        with pytest.raises(SearchConfigError, match=r"OUT_DIR: output folder .* the folder of"):
+            refuse_out_dir_in_an_input(search, out_dir)
+    refuse_out_dir_in_an_input(search, tmp_path / "search")  # beside the inputs: fine
+    refuse_out_dir_in_an_input(search, tmp_path)  # holding them: the search adds its own files
+
+
 # --- 2. one kind of artefact per folder ------------------------------------------------------
 
 

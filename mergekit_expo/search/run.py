@@ -78,6 +78,7 @@ def run_search(settings: SearchSettings) -> SearchReport:
     settings = settings.model_copy(update={"engine": resolve_engine(settings.engine,
                                                                     settings.device)})
     search = load_search_config(settings.config)
+    refuse_out_dir_in_an_input(search, settings.out_dir)
     if settings.write_best is not None:  # not after hours of candidates
         refuse_write_best_target(search, settings.write_best)
     for note in search.notes:
@@ -204,6 +205,18 @@ def rehearse_best(search: SearchConfig, settings: SearchSettings, groups: list[G
     for winner in winners:
         verify_winner(search, winner_config(search, winner, groups, assignment), winner,
                       assignment)
+
+
+def refuse_out_dir_in_an_input(search: SearchConfig, out_dir: Path) -> None:
+    """OUT_DIR gets results, plots and best.yml: never inside an input's folder (inputs are
+    never written). An OUT_DIR that contains the inputs is fine: the search adds only its own
+    files there."""
+    from mergekit_expo.output.folder import input_problem
+    from mergekit_expo.plan.scopes import local_inputs
+
+    problem = input_problem(out_dir, local_inputs(search.plan.config))
+    if problem and " contains " not in problem:
+        raise SearchConfigError(f"OUT_DIR: {problem}")
 
 
 def refuse_write_best_target(search: SearchConfig, out: Path) -> None:
