@@ -28,8 +28,9 @@ SHOWN = 3
 
 
 def check_base(adapters: list[Adapter], base: str | Path, *, ignore_name: bool,
-               max_relative_change: float) -> None:
-    """Refuse ``base`` (θ₀'s folder) unless it is the model every adapter was trained over."""
+               max_relative_change: float) -> dict:
+    """Refuse ``base`` (θ₀'s folder) unless it is the model every adapter was trained over;
+    return θ₀'s tensors of the saved modules, read for the check (the extrapolation uses them)."""
     base = Path(base)
     problems = [] if ignore_name else [p for a in adapters if (p := name_problem(a, base))]
     shapes = shape_problems(adapters, base)
@@ -39,10 +40,14 @@ def check_base(adapters: list[Adapter], base: str | Path, *, ignore_name: bool,
             problems.append(f"… and {len(shapes) - SHOWN} more")
         problems.append("the adapter was not trained over --base: give the model it was "
                         "trained over")
+    theta0 = {}
     if not problems:
-        problems = relatedness_problems(adapters, base, max_relative_change)
+        names = sorted({name for adapter in adapters for name in adapter.saved})
+        theta0 = read_base_tensors(base, names) if names else {}
+        problems = relatedness_problems(adapters, theta0, base, max_relative_change)
     if problems:
         raise AdapterError("\n".join(problems))
+    return theta0
 
 
 def name_problem(adapter: Adapter, base: Path) -> str | None:
@@ -125,10 +130,9 @@ def _tied(base: Path) -> bool:
     return isinstance(config, dict) and config.get("tie_word_embeddings") is True
 
 
-def relatedness_problems(adapters: list[Adapter], base: Path, threshold: float) -> list[str]:
-    """Saved tensors too far from θ₀'s to be a fine-tuned copy of it."""
-    names = sorted({name for adapter in adapters for name in adapter.saved})
-    theta0 = read_base_tensors(base, names) if names else {}
+def relatedness_problems(adapters: list[Adapter], theta0: dict, base: Path,
+                         threshold: float) -> list[str]:
+    """Saved tensors too far from θ₀'s (``theta0``, read from ``base``) to be a fine-tuned copy."""
     problems = []
     for adapter in adapters:
         for name, key in adapter.saved.items():

@@ -90,16 +90,17 @@ def expo_adapter(
         )
     terms = [Term(final, 1 + alpha, "final")] if single else _terms(
         adapters, final, alpha=alpha, lam=lam, reference_adapter=reference_adapter)
+    known = {}  # θ₀'s saved-module tensors, read once (by the check, then used)
     if base is not None:
-        check_base([t.adapter for t in terms], base, ignore_name=ignore_base_name,
+        known = check_base([t.adapter for t in terms], base, ignore_name=ignore_base_name,
                    max_relative_change=max_relative_change)
     with staged(out, "adapter") as stage:
         if not single:
-            _concatenated(terms, Path(stage), alpha=alpha, lam=lam, base=base)
+            _concatenated(terms, Path(stage), alpha=alpha, lam=lam, base=base, known=known)
         elif final.magnitudes:
-            _dora(final, Path(stage), alpha=alpha, base=base)
+            _dora(final, Path(stage), alpha=alpha, base=base, known=known)
         else:
-            _scaled(final, Path(stage), alpha=alpha, base=base)
+            _scaled(final, Path(stage), alpha=alpha, base=base, known=known)
     return Path(out)
 
 
@@ -126,9 +127,9 @@ def scaled_config(config: dict, factor: float) -> dict:
     return new
 
 
-def _scaled(final: Adapter, out: Path, *, alpha: float, base) -> Path:
+def _scaled(final: Adapter, out: Path, *, alpha: float, base, known: dict) -> Path:
     tensors = dict(final.tensors)
-    saved = _saved_tensors([Term(final, 1.0, "final")], base, alpha=alpha, lam=0.0)
+    saved = _saved_tensors([Term(final, 1.0, "final")], base, alpha=alpha, lam=0.0, known=known)
     tensors.update(saved)
     config = scaled_config(final.config, 1 + alpha)
     record = _record("scaling", [Term(final, 1 + alpha, "final")], alpha, 0.0, base, config)
@@ -139,7 +140,7 @@ def _scaled(final: Adapter, out: Path, *, alpha: float, base) -> Path:
 # -- one DoRA adapter: per-row scaled B and a new magnitude ----------------------------------
 
 
-def _dora(final: Adapter, out: Path, *, alpha: float, base) -> Path:
+def _dora(final: Adapter, out: Path, *, alpha: float, base, known: dict) -> Path:
     """θ₂ = (1+α)θ₁ − αW as a DoRA adapter over W = θ₀, exactly (docs/lora.md).
 
     θ₁ = diag(r)·V with V = W + sBA, r = m / ‖V‖ (per output row). Then
@@ -170,7 +171,9 @@ def _dora(final: Adapter, out: Path, *, alpha: float, base) -> Path:
         tensors[pair.b_key] = b_new.to(dtype)
         rows_new = w + pair.scaling * (tensors[pair.b_key].double() @ a)
         tensors[m_key] = (k * rows_new.norm(dim=1)).to(dtype)
-    tensors.update(_saved_tensors([Term(final, 1.0, "final")], base, alpha=alpha, lam=0.0))
+    tensors.update(
+        _saved_tensors([Term(final, 1.0, "final")], base, alpha=alpha, lam=0.0, known=known)
+    )
     record = _record("dora", [Term(final, 1 + alpha, "final")], alpha, 0.0, base, final.config)
     return write_adapter(out, final.config, tensors, card=adapter_card(record), record=record)
 
@@ -198,7 +201,7 @@ def _terms(adapters, final: Adapter, *, alpha, lam, reference_adapter) -> list[T
     return terms
 
 
-def _concatenated(terms: list[Term], out: Path, *, alpha, lam, base) -> Path:
+def _concatenated(terms: list[Term], out: Path, *, alpha, lam, base, known: dict) -> Path:
     dtype = _widest([t.adapter.dtype() for t in terms] + [torch.float32])
     modules = sorted({m for t in terms for m in t.adapter.pairs})
     tensors: dict[str, torch.Tensor] = {}
@@ -223,7 +226,7 @@ def _concatenated(terms: list[Term], out: Path, *, alpha, lam, base) -> Path:
         tensors[first.a_key] = torch.cat(a_parts, dim=0)
         tensors[first.b_key] = torch.cat(b_parts, dim=1)
         ranks[module] = tensors[first.a_key].shape[0]
-    tensors.update(_saved_tensors(terms, base, alpha=alpha, lam=lam))
+    tensors.update(_saved_tensors(terms, base, alpha=alpha, lam=lam, known=known))
     config = _concatenated_config(terms, ranks)
     record = _record("concatenation", terms, alpha, lam, base, config)
     return write_adapter(out, config, tensors, card=adapter_card(record), record=record)
@@ -248,7 +251,7 @@ def _concatenated_config(terms: list[Term], ranks: dict[str, int]) -> dict:
 # -- modules_to_save: full tensors, the merge method's formula ---------------------------------
 
 
-def _saved_tensors(terms: list[Term], base, *, alpha: float, lam: float):
+def _saved_tensors(terms: list[Term], base, *, alpha: float, lam: float, known: dict):
     """Each saved module's tensor θ = θ₀ + (the formula's combination), float64, one rounding."""
     names = sorted({n for t in terms for n in t.adapter.saved})
     if not names:
@@ -271,7 +274,9 @@ def _saved_tensors(terms: list[Term], base, *, alpha: float, lam: float):
             f"weights: {', '.join(needed)}); they are extrapolated against θ₀'s tensors, so "
             "give the base model θ₀ the adapters were trained over (--base)"
         )
-    theta0 = read_base_tensors(base, needed) if needed else {}
+    missing = [name for name in needed if name not in known]
+    theta0 = {n: known[n] for n in needed if n in known}
+    theta0.update(read_base_tensors(base, missing) if missing else {})
     if reference is not None:
         theta0.update({n: reference.tensors[k] for n, k in reference.saved.items()})
     finals = [t for t in terms if t.role == "final"]
