@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -114,3 +115,17 @@ def search_inputs(zoo: Zoo, root: Path, name: str, *, seed: int, final_seed: int
     prompt_file = root / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return config, prompt_file
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def each_kernel(request, monkeypatch) -> str:
+    """The test runs with the compiled exact kernel and with the torch one: the same bits."""
+    from mergekit_expo.merge import native
+
+    if request.param == "torch":
+        monkeypatch.setenv(native.ENV, "torch")
+    elif native.library() is None:
+        if os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail("a C compiler is here but the compiled kernel was not built")
+        pytest.skip("no C compiler: only the torch kernel runs here")
+    return request.param

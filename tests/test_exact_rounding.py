@@ -19,6 +19,9 @@ from reference import FORMATS, bits_of, exact_formula, round_bits
 
 from mergekit_expo.merge.formula import extrapolate
 
+# every test with the compiled kernel and with the torch one (see conftest.each_kernel)
+pytestmark = pytest.mark.usefixtures("each_kernel")
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PAIRS = list(itertools.product(DTYPES, DTYPES))
 LAMBDAS = ["0", "0.3", "1"]

@@ -41,6 +41,9 @@ from test_merge_graph import expo_config
 
 from mergekit_expo.merge.formula import extrapolate
 
+# every test with the compiled kernel and with the torch one (see conftest.each_kernel)
+pytestmark = pytest.mark.usefixtures("each_kernel")
+
 ALPHAS = ["0.5", "0.3", "1.7"]  # as the user writes them
 LAMBDA = "0.3"
 

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from mergekit_expo.merge.native import Native
 from mergekit_expo.merge.rounding import Rounding
 
 # Elements per slice: the float64 scratch (2-3 slices of 1 MiB) stays in a core's L2 cache, and
@@ -97,17 +98,20 @@ def extrapolate_checked(
     total = target.numel()
     mean_of = mean_of or len(intermediates)
     rounding = Rounding(alpha, lam, inputs, out.dtype, mean_of)
+    native = Native(rounding.coefficients, rounding.denominator, inputs, out.dtype)
+    run = _run_native if native.usable else _run
+    extra = native if native.usable else rounding
     workers = _workers(total, final.device)
     if workers == 1:
-        finite = _run(inputs, target, 0, total, alpha, lam, check, rounding, mean_of)
+        finite = run(inputs, target, 0, total, alpha, lam, check, extra, mean_of)
     else:
         step = -(-total // workers)
         step = -(-step // CHUNK_ELEMENTS) * CHUNK_ELEMENTS  # whole slices per worker
         pool = _get_pool(workers)
         jobs = [
             pool.submit(
-                _run, inputs, target, start, min(total, start + step), alpha, lam, check,
-                rounding, mean_of,
+                run, inputs, target, start, min(total, start + step), alpha, lam, check,
+                extra, mean_of,
             )
             for start in range(0, total, step)
         ]
@@ -148,6 +152,16 @@ def _run(
         if check:  # inf after rounding to the output dtype, or NaN, shows in the min or the max
             torch.aminmax(written, out=(extremes[2 * index], extremes[2 * index + 1]))
     return bool(torch.isfinite(extremes).all()) if check else True
+
+
+def _run_native(
+    inputs: list[torch.Tensor], target: torch.Tensor, begin: int, end: int, alpha: float,
+    lam: float, check: bool, native: Native, mean_of: int,
+) -> bool:
+    """``_run`` by the compiled kernel (same arguments; it checks finiteness as it writes)."""
+    if begin >= end:
+        return True
+    return native.run(inputs, target, begin, end) or not check
 
 
 def _chunk(device: torch.device) -> int:
