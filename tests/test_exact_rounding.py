@@ -123,3 +123,76 @@ def test_reference_rounds_as_ieee_on_representable_values():
     for dtype in (torch.bfloat16, torch.float16):
         assert [round_bits(Fraction(v), dtype) for v in values.tolist()] == bits_of(
             values.to(dtype))
+
+
+def _eligible_pairs(out: torch.dtype, alpha: str, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 pairs that the compiled kernel computes in float32 (nonzero, normal, exponents
+    close): near the output's midpoints and extremes, near-cancellations (tiny and subnormal
+    results) where θ₀ ≈ θ₁(1+α)/α, and DPO-like pairs."""
+    near = _grid_points(torch.bfloat16, out, 3000, gen)
+    final = _step(near.to(torch.bfloat16), torch.randint(-3, 4, near.shape, generator=gen))
+    theta0 = _step(final, torch.randint(-8, 9, near.shape, generator=gen))
+    a = float(alpha)
+    scale = 2.0 ** torch.randint(-126, -100, (2000,), generator=gen).double()
+    if out == torch.float16:  # around the float16 subnormals
+        scale = 2.0 ** torch.randint(-30, -12, (2000,), generator=gen).double()
+    small1 = ((torch.rand(2000, generator=gen).double() + 1) * scale).to(torch.bfloat16)
+    small0 = _step((small1.double() * (1 + a) / a).to(torch.bfloat16),
+                   torch.randint(-2, 3, (2000,), generator=gen))
+    # DPO-like weights: many results are exact midpoints (ties)
+    sft = torch.randn(4096, generator=gen) * 0.02
+    tuned = (sft + torch.randn(4096, generator=gen) * 7e-4).to(torch.bfloat16)
+    final = torch.cat([final, small1, tuned])
+    theta0 = torch.cat([theta0, small0, sft.to(torch.bfloat16)])
+    fields = [(t.view(torch.int16).int() & 0x7F80) >> 7 for t in (final, theta0)]
+    keep = ((fields[0] > 0) & (fields[1] > 0) & (fields[0] < 240) & (fields[1] < 240)
+            & ((fields[0] - fields[1]).abs() <= 6))
+    final, theta0 = final[keep], theta0[keep]
+    whole = final.numel() // 512 * 512  # whole blocks of the kernel, each of them eligible
+    return theta0[:whole], final[:whole]
+
+
+@pytest.mark.parametrize("alpha", ["0.3", "0.5", "1.7", "25"])
+@pytest.mark.parametrize("target", ["bf16", "fp16"])
+def test_bf16_pairs_in_float32_blocks(target, alpha):
+    """The compiled kernel's float32 blocks (bf16 inputs, 16-bit output) are exact too."""
+    out_dtype = DTYPES[target]
+    theta0, final = _eligible_pairs(out_dtype, alpha, torch.Generator().manual_seed(11))
+    assert final.numel() >= 2048
+    out = torch.empty(final.shape, dtype=out_dtype)
+    extrapolate(theta0, final, alpha=float(alpha), out=out)
+    expected = expected_bits(theta0, final, (), alpha=alpha, lam="0", out=out_dtype)
+    got = bits_of(out)
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
+    assert not wrong, (len(wrong), len(got), wrong[:5])
+
+
+@pytest.mark.parametrize(("source", "target"), [("fp32", "fp32"), ("fp32", "bf16"),
+                                                ("bf16", "bf16"), ("fp16", "fp16")])
+def test_decimal_alpha_onto_a_midpoint_and_next_to_it(source, target):
+    """α = 0.3: 13θ₁/10 lands exactly on a midpoint of the output grid (θ₁ = 5m·2^e, 13m an
+    odd number one bit longer than the output's precision); θ₀ = ±θ₁·2⁻ᵏ moves the exact value
+    a hair off it (or not at all: a tie). A kernel that rounds through a float32 or decides
+    from an inexact product goes the wrong way here."""
+    precision = FORMATS[DTYPES[target]][0]
+    low, high = -(-(1 << precision) // 13), (1 << (precision + 1)) // 13
+    inputs = FORMATS[DTYPES[source]][0]
+    ms = [m for m in range(low | 1, high + 1, 2) if 5 * m < 1 << inputs][:200]
+    assert ms
+    rows = []
+    for index, m in enumerate(ms):
+        theta1 = 5.0 * m * 2.0 ** (-6 - index % 5)
+        for k in [*range(0, 61, 3), None]:
+            for sign in (1, -1):
+                theta0 = 0.0 if k is None else sign * theta1 * 2.0**-k
+                rows.append((theta0, theta1))
+    dtype = DTYPES[source]
+    theta0 = torch.tensor([r[0] for r in rows], dtype=torch.float64).to(dtype)
+    final = torch.tensor([r[1] for r in rows], dtype=torch.float64).to(dtype)
+    assert torch.equal(final.double(), torch.tensor([r[1] for r in rows], dtype=torch.float64))
+    out = torch.empty(final.shape, dtype=DTYPES[target])
+    extrapolate(theta0, final, alpha=0.3, out=out)
+    expected = expected_bits(theta0, final, (), alpha="0.3", lam="0", out=out.dtype)
+    got = bits_of(out)
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
+    assert not wrong, (len(wrong), len(got), wrong[:5])

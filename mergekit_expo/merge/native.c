@@ -159,6 +159,56 @@ static inline __attribute__((always_inline)) void store_one(void *out, int type,
     }
 }
 
+
+static inline float float_of(uint32_t b) { float x; memcpy(&x, &b, 4); return x; }
+static inline uint32_t bits_of_float(float x) { uint32_t b; memcpy(&b, &x, 4); return b; }
+
+/* Whether float32 holds every cᵢθᵢ and their sum exactly for this block of bfloat16 pairs: the
+ * exponent fields differ by at most ``gap`` and none is 0 (zero, subnormal) or above ``top``. */
+static inline int float32_exact(const uint16_t *restrict a, const uint16_t *restrict b, int n,
+                                uint16_t gap, uint16_t top) {
+    uint16_t bad = 0;
+    for (int j = 0; j < n; j++) {
+        uint16_t e1 = a[j] & 0x7F80, e0 = b[j] & 0x7F80;
+        bad |= (uint16_t)((uint16_t)(e1 - e0 + gap) > (uint16_t)(2 * gap));
+        bad |= (uint16_t)((uint16_t)(e1 - 0x80) > top) | (uint16_t)((uint16_t)(e0 - 0x80) > top);
+    }
+    return !bad;
+}
+
+/* ``two_terms`` in float32 for a block of bfloat16 pairs (``float32_exact``): the same steps on
+ * twice as many lanes. q is within 2.01 float32 ulps of x; μ (precision + 1 bits) times L fits
+ * float32 (the caller checks L); s − Lμ is exact (Sterbenz). */
+static inline __attribute__((always_inline)) uint32_t two_bf16_float32(
+    const uint16_t *restrict a, const uint16_t *restrict b, int n, uint32_t *restrict rounded,
+    float c1, float c0, float inv, float L, const int tail, uint32_t lowest) {
+    const uint32_t mask = (1u << tail) - 1, half = 1u << (tail - 1);
+    uint32_t any = 0;
+    for (int j = 0; j < n; j++) {
+        float x1 = float_of((uint32_t)a[j] << 16), x0 = float_of((uint32_t)b[j] << 16);
+        float p1 = c1 * x1, p0 = c0 * x0, s = p1 + p0;
+        float q = s * inv;
+        uint32_t bq = bits_of_float(q);
+        uint32_t low = bq & ~mask, odd = (bq >> tail) & 1;
+        int32_t offset = (int32_t)((bq + (4 - half)) & mask); /* 0…8: within 4 ulps of μ */
+        uint32_t above = offset < (int32_t)(half + 4);
+        float t = s - L * float_of(low | half);
+        uint32_t away = (uint32_t)(t > 0) ^ (bq >> 31); /* |x| > |μ| */
+        uint32_t exact = odd ^ ((odd ^ away) & -(uint32_t)(t != 0)); /* a tie: to even */
+        uint32_t up = above ^ ((above ^ exact) & -(uint32_t)(offset <= 8));
+        uint32_t flag = ((bq >> 23) & 0xFF) < lowest;
+        rounded[j] = (low + (up << tail)) | flag;
+        any |= flag;
+    }
+    return any;
+}
+
+static int bit_length(double value) {
+    int exponent;
+    frexp(fabs(value), &exponent);
+    return value == 0 ? 0 : exponent;
+}
+
 static inline __attribute__((always_inline)) int two_terms(const Plan *plan, int64_t count,
                                                            void *restrict out, const int in_type,
                                                            const int out_type, const int tail) {
@@ -171,9 +221,38 @@ static inline __attribute__((always_inline)) int two_terms(const Plan *plan, int
     uint64_t bad = 0;
     uint64_t rounded[BLOCK];
     double first[BLOCK], second[BLOCK];
+    /* bfloat16 inputs to a 16-bit output: float32 where it is exact (see float32_exact) */
+    const int widest = bit_length(c1) > bit_length(c0) ? bit_length(c1) : bit_length(c0);
+    const int gap = 15 - widest; /* 8 + widest + 1 + gap ≤ 24 bits */
+    const int narrow = in_type == BF16 && out_type != FP32 && gap >= 0
+                       && bit_length(L) + plan->precision + 1 <= 24;
+    uint32_t narrow_rounded[BLOCK];
     for (int64_t begin = 0; begin < count; begin += BLOCK) {
         const int n = count - begin < BLOCK ? (int)(count - begin) : BLOCK;
         uint64_t any = 0;
+        if (narrow) {
+            const uint16_t *x1 = (const uint16_t *)a + begin, *x0 = (const uint16_t *)b + begin;
+            if (float32_exact(x1, x0, n, (uint16_t)(gap << 7),
+                              (uint16_t)((253 - widest - 1) << 7))) {
+                const int tail32 = out_type == BF16 ? 16 : 13;
+                uint32_t flagged = two_bf16_float32(x1, x0, n, narrow_rounded, (float)c1,
+                                                    (float)c0, (float)inv, (float)L, tail32,
+                                                    (uint32_t)(plan->emin + 127));
+                if (flagged) {
+                    for (int j = 0; j < n; j++) {
+                        if (!(narrow_rounded[j] & 1)) continue;
+                        double theta[2] = {load_one(a, in_type, begin + j),
+                                           load_one(b, in_type, begin + j)};
+                        narrow_rounded[j] = bits_of_float((float)exact_one(theta, plan));
+                    }
+                }
+                for (int j = 0; j < n; j++) {
+                    bad |= ((narrow_rounded[j] >> 23) & 0xFF) > (uint32_t)(plan->emax + 127);
+                    store_one(out, out_type, begin + j, float_of(narrow_rounded[j]));
+                }
+                continue;
+            }
+        }
         for (int j = 0; j < n; j++) {
             first[j] = load_one(a, in_type, begin + j);
             second[j] = load_one(b, in_type, begin + j);

@@ -338,7 +338,8 @@ class Rounding:
         up = torch.where(order == 0, cell.odd(), order > 0)  # a tie goes to the even neighbour
         results = cell.pick(up)
         results.masked_fill_(error == 0, 0.0)  # every input is 0: an exact +0
-        rest = (~known & ~far & (error > 0)).nonzero().view(-1)
+        # undecided, or rounded to zero: the zero's sign is x's (+0 for an exact 0)
+        rest = ((~known & ~far | (results == 0)) & (error > 0)).nonzero().view(-1)
         if rest.numel():
             results[rest] = torch.tensor(
                 self._by_fractions([v[rest] for v in values]), dtype=torch.float64,
