@@ -196,3 +196,24 @@ def test_decimal_alpha_onto_a_midpoint_and_next_to_it(source, target):
     got = bits_of(out)
     wrong = [i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
     assert not wrong, (len(wrong), len(got), wrong[:5])
+
+
+@pytest.mark.parametrize(("alpha", "lam"), [("0.4", "0.3"), ("0.5", "1"), ("1.7", "0.3")])
+def test_iterative_merge_on_dpo_like_blocks(alpha, lam):
+    """Whole blocks of bf16 checkpoints of one run (the compiled kernel sums them in double
+    where that is exact): ordinary weights, and blocks where θ₀ lies 2⁻³⁶…2⁻⁶⁰ below θ_T,
+    which double cannot add exactly — there θ₀ alone decides every tie."""
+    gen = torch.Generator().manual_seed(21)
+    sft = torch.randn(4096, generator=gen) * 0.02
+    steps = [sft + torch.randn(4096, generator=gen) * 7e-4 * (i + 1) for i in range(3)]
+    theta0 = sft.to(torch.bfloat16)
+    first, second, final = (s.to(torch.bfloat16) for s in steps)
+    far = final[2048:].double() * 2.0 ** -torch.randint(36, 61, (2048,), generator=gen).double()
+    theta0 = torch.cat([theta0[:2048], far.to(torch.bfloat16)])
+    mids = (first, second)
+    out = torch.empty(final.shape, dtype=torch.bfloat16)
+    extrapolate(theta0, final, mids, alpha=float(alpha), lam=float(lam), out=out)
+    expected = expected_bits(theta0, final, mids, alpha=alpha, lam=lam, out=out.dtype)
+    got = bits_of(out)
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
+    assert not wrong, (len(wrong), len(got), wrong[:5])

@@ -160,6 +160,29 @@ static inline __attribute__((always_inline)) void store_one(void *out, int type,
 }
 
 
+/* x = (s + err)/L rounded once into a grid with ``tail`` fraction bits fewer than double, as
+ * double bits; bit 0 set where x is below the output's smallest normal (``lowest``: a biased
+ * double exponent), to be settled by ``exact_one``. Needs s + err = Σ cᵢθᵢ exactly and s the
+ * rounded sum: q = s · fl(1/L) is then within 3.02 double ulps of x, and within 4 ulps of a
+ * midpoint μ the side is the sign of (s − Lμ) + err, s − Lμ exact (Sterbenz). Branch-free. */
+static inline __attribute__((always_inline)) uint64_t round_sum(double s, double err, double inv,
+                                                                double L, int tail,
+                                                                uint64_t lowest) {
+    const uint64_t mask = (1ULL << tail) - 1, half = 1ULL << (tail - 1);
+    double q = s * inv;
+    uint64_t bq = bits_of(q);
+    uint64_t low = bq & ~mask, odd = (bq >> tail) & 1;
+    /* (tail − μ + 4) mod 2^tail: 0…8 within 4 ulps of μ, below half + 4 above μ */
+    int64_t offset = (int64_t)((bq + (4 - half)) & mask);
+    uint64_t above = offset < (int64_t)(half + 4);
+    double t = (s - L * from_bits(low | half)) + err;
+    uint64_t away = (uint64_t)(t > 0) ^ (bq >> 63); /* |x| > |μ| */
+    uint64_t exact = odd ^ ((odd ^ away) & -(uint64_t)(t != 0)); /* a tie: to even */
+    uint64_t up = above ^ ((above ^ exact) & -(uint64_t)(offset <= 8));
+    uint64_t flag = ((bq >> 52) & 0x7FF) < lowest;
+    return (low + (up << tail)) | flag;
+}
+
 static inline float float_of(uint32_t b) { float x; memcpy(&x, &b, 4); return x; }
 static inline uint32_t bits_of_float(float x) { uint32_t b; memcpy(&b, &x, 4); return b; }
 
@@ -215,7 +238,6 @@ static inline __attribute__((always_inline)) int two_terms(const Plan *plan, int
     const void *restrict a = plan->inputs[0], *restrict b = plan->inputs[1];
     const double c1 = plan->coefficients[0], c0 = plan->coefficients[1], inv = plan->inverse;
     const double L = plan->denominator;
-    const uint64_t mask = (1ULL << tail) - 1, half = 1ULL << (tail - 1);
     const uint64_t lowest = (uint64_t)(plan->emin + 1023);
     const uint64_t highest = (uint64_t)(plan->emax + 1023);
     uint64_t bad = 0;
@@ -259,19 +281,10 @@ static inline __attribute__((always_inline)) int two_terms(const Plan *plan, int
         }
         for (int j = 0; j < n; j++) {
             double p1 = c1 * first[j], p0 = c0 * second[j], s = p1 + p0;
-            double q = s * inv;
-            uint64_t bq = bits_of(q);
-            uint64_t low = bq & ~mask, odd = (bq >> tail) & 1;
-            /* (tail − μ + 4) mod 2^tail: 0…8 within 4 ulps of μ, below half + 4 above μ */
-            int64_t offset = (int64_t)((bq + (4 - half)) & mask);
-            uint64_t above = offset < (int64_t)(half + 4);
-            double bv = s - p1, av = s - bv, err = (p1 - av) + (p0 - bv);
-            double t = (s - L * from_bits(low | half)) + err;
-            uint64_t away = (uint64_t)(t > 0) ^ (bq >> 63); /* |x| > |μ| */
-            uint64_t exact = odd ^ ((odd ^ away) & -(uint64_t)(t != 0)); /* a tie: to even */
-            uint64_t up = above ^ ((above ^ exact) & -(uint64_t)(offset <= 8));
-            uint64_t flag = ((bq >> 52) & 0x7FF) < lowest;
-            rounded[j] = (low + (up << tail)) | flag;
+            double bv = s - p1, av = s - bv, err = (p1 - av) + (p0 - bv); /* TwoSum */
+            uint64_t r = round_sum(s, err, inv, L, tail, lowest);
+            rounded[j] = r;
+            uint64_t flag = r & 1;
             any |= flag;
         }
         if (any) { /* below the output's smallest normal: one at a time, exactly */
@@ -289,6 +302,25 @@ static inline __attribute__((always_inline)) int two_terms(const Plan *plan, int
     return !bad;
 }
 
+/* Whether every Σ cᵢθᵢ of this block is exact in double: bfloat16 inputs whose nonzero
+ * exponent fields (subnormals as the smallest normal) span at most ``span`` binades. */
+static inline int bf16_sums_exact(const Plan *plan, int64_t begin, int n, int span) {
+    uint16_t lo = 0x7F80, hi = 0;
+    for (int i = 0; i < plan->terms; i++) {
+        if (plan->types[i] != BF16) return 0;
+        const uint16_t *v = (const uint16_t *)plan->inputs[i] + begin;
+        for (int j = 0; j < n; j++) { /* arithmetic selects: the loop vectorises */
+            uint16_t m = v[j] & 0x7FFF, f = m & 0x7F80;
+            f |= (uint16_t)(-(uint16_t)(f == 0) & 0x80);
+            uint16_t zero = (uint16_t)-(uint16_t)(m == 0);
+            uint16_t l = f | (zero & 0x7F80), h = f & (uint16_t)~zero;
+            lo = l < lo ? l : lo;
+            hi = h > hi ? h : hi;
+        }
+    }
+    return hi < 0x7F80 && hi <= lo + (span << 7);
+}
+
 /* Any number of inputs and formats (the iterative-DPO merge, mixed formats). */
 static inline __attribute__((always_inline)) int any_terms(const Plan *plan, int64_t count,
                                                            void *out, int out_type) {
@@ -303,10 +335,38 @@ static inline __attribute__((always_inline)) int any_terms(const Plan *plan, int
     const double sure = 2.0 * (k + 2) * U;
     const double smallest = ldexp(1.0, plan->emin), scale = ldexp(1.0, 1 - plan->precision);
     const double largest = plan->largest;
+    const int tail = 53 - plan->precision;
+    const uint64_t lowest = (uint64_t)(plan->emin + 1023);
+    int widest = 0;
+    for (int i = 0; i < k; i++) {
+        int bits = bit_length(plan->coefficients[i]);
+        widest = bits > widest ? bits : widest;
+    }
+    int terms_bits = 0;
+    while ((1 << terms_bits) < k) terms_bits++;
+    const int span = 53 - 8 - widest - terms_bits - 1; /* bf16: 8 bits each */
     int finite = 1;
     for (int64_t begin = 0; begin < count; begin += BLOCK) {
         const int n = count - begin < BLOCK ? (int)(count - begin) : BLOCK;
         for (int i = 0; i < k; i++) load(plan->inputs[i], plan->types[i], begin, n, theta + i * BLOCK);
+        int any = 0;
+        if (span >= 0 && bf16_sums_exact(plan, begin, n, span)) { /* the usual case */
+            const double c = plan->coefficients[0];
+            for (int j = 0; j < n; j++) s[j] = c * theta[j];
+            for (int i = 1; i < k; i++) {
+                const double ci = plan->coefficients[i];
+                const double *x = theta + i * BLOCK;
+                for (int j = 0; j < n; j++) s[j] += ci * x[j];
+            }
+            uint64_t flagged = 0;
+            for (int j = 0; j < n; j++) {
+                uint64_t r = round_sum(s[j], 0.0, inv, L, tail, lowest);
+                result[j] = from_bits(r & ~1ULL);
+                flags[j] = (unsigned char)(r & 1);
+                flagged |= r & 1;
+            }
+            any = (int)flagged;
+        } else {
         {
             const double c = plan->coefficients[0];
             for (int j = 0; j < n; j++) { s[j] = c * theta[j]; eps[j] = 0.0; abs_eps[j] = 0.0; }
@@ -325,7 +385,6 @@ static inline __attribute__((always_inline)) int any_terms(const Plan *plan, int
                 abs_eps[j] += fabs(err);
             }
         }
-        int any = 0;
         for (int j = 0; j < n; j++) { /* branch-free (selects on bits), so it vectorises */
             double q = s[j] * inv;
             double aq = fabs(q);
@@ -350,6 +409,7 @@ static inline __attribute__((always_inline)) int any_terms(const Plan *plan, int
             hard |= near & !known;
             flags[j] = (unsigned char)hard;
             any |= (int)hard;
+        }
         }
         if (any) {
             for (int j = 0; j < n; j++) {
