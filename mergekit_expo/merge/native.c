@@ -302,13 +302,16 @@ static inline __attribute__((always_inline)) int two_terms(const Plan *plan, int
     return !bad;
 }
 
-/* Whether every Σ cᵢθᵢ of this block is exact in double: bfloat16 inputs whose nonzero
- * exponent fields (subnormals as the smallest normal) span at most ``span`` binades. */
-static inline int bf16_sums_exact(const Plan *plan, int64_t begin, int n, int span) {
+/* Σ cᵢθᵢ of a block of bfloat16 inputs into ``s``, one input at a time; returns whether every
+ * sum is exact in double: the inputs' nonzero exponent fields (subnormals as the smallest
+ * normal) span at most ``span`` binades, none is inf/NaN. */
+static inline int bf16_sums(const Plan *plan, int64_t begin, int n, int span,
+                            double *restrict s) {
+    double x[BLOCK];
     uint16_t lo = 0x7F80, hi = 0;
     for (int i = 0; i < plan->terms; i++) {
-        if (plan->types[i] != BF16) return 0;
         const uint16_t *v = (const uint16_t *)plan->inputs[i] + begin;
+        const double c = plan->coefficients[i];
         for (int j = 0; j < n; j++) { /* arithmetic selects: the loop vectorises */
             uint16_t m = v[j] & 0x7FFF, f = m & 0x7F80;
             f |= (uint16_t)(-(uint16_t)(f == 0) & 0x80);
@@ -316,9 +319,89 @@ static inline int bf16_sums_exact(const Plan *plan, int64_t begin, int n, int sp
             uint16_t l = f | (zero & 0x7F80), h = f & (uint16_t)~zero;
             lo = l < lo ? l : lo;
             hi = h > hi ? h : hi;
+            x[j] = load_one(v, BF16, j);
+        }
+        if (i == 0) {
+            for (int j = 0; j < n; j++) s[j] = c * x[j];
+        } else {
+            for (int j = 0; j < n; j++) s[j] += c * x[j];
         }
     }
     return hi < 0x7F80 && hi <= lo + (span << 7);
+}
+
+/* The general block: any formats; Σ cᵢθᵢ by a TwoSum cascade (S = s + Σ eᵢ), q = s/L with a
+ * rigorous bound E ≥ |q − x| from the errors' sizes, rounded on the output grid (subnormal step
+ * below the smallest normal); within E of a midpoint the side is the sign of (s − Lμ) + Σ eᵢ
+ * where that sum's rounding cannot flip it; the rest is flagged for ``exact_one``. */
+static inline int general_block(const Plan *plan, int64_t begin, int n, double *restrict theta,
+                                double *restrict s, double *restrict eps,
+                                double *restrict abs_eps, double *restrict result,
+                                unsigned char *restrict flags) {
+    const int k = plan->terms;
+    const double L = plan->denominator, inv = plan->inverse;
+    const double bound_q = 2.0 * U * (1 + 0x1p-30), bound_e = inv * (1 + 0x1p-30);
+    const double sure = 2.0 * (k + 2) * U;
+    const double smallest = ldexp(1.0, plan->emin), scale = ldexp(1.0, 1 - plan->precision);
+    for (int i = 0; i < k; i++) load(plan->inputs[i], plan->types[i], begin, n, theta + i * BLOCK);
+    const double c = plan->coefficients[0];
+    for (int j = 0; j < n; j++) { s[j] = c * theta[j]; eps[j] = 0.0; abs_eps[j] = 0.0; }
+    for (int i = 1; i < k; i++) {
+        const double ci = plan->coefficients[i];
+        const double *x = theta + i * BLOCK;
+        for (int j = 0; j < n; j++) { /* TwoSum(s, cᵢθᵢ) */
+            double p = ci * x[j];
+            double sum = s[j] + p;
+            double bv = sum - s[j];
+            double av = sum - bv;
+            double err = (s[j] - av) + (p - bv);
+            s[j] = sum;
+            eps[j] += err;
+            abs_eps[j] += fabs(err);
+        }
+    }
+    int any = 0;
+    for (int j = 0; j < n; j++) { /* branch-free (selects on bits), so it vectorises */
+        double q = s[j] * inv;
+        double aq = fabs(q);
+        double bound = aq * bound_q + abs_eps[j] * bound_e;
+        double power = from_bits(bits_of(q) & EXPONENT);
+        power = choose(power < smallest, smallest, power);
+        double ulp = power * scale, half = ulp * 0.5, magic = ulp * MAGIC;
+        double r = (q + magic) - magic;
+        double dist = fabs(q - r);
+        uint64_t zero = (s[j] == 0.0) & (abs_eps[j] == 0.0);
+        uint64_t near = (half - dist) <= bound;
+        uint64_t hard = (bound >= half * 0.25) | ((aq <= bound) & !zero);
+        double mid = r + copysign(half, q - r);
+        double d = s[j] - L * mid; /* exact where near and not hard */
+        double t = d + eps[j];
+        uint64_t known = (uint64_t)(k == 2) | (abs_eps[j] == 0.0)
+                         | (fabs(t) > (fabs(d) + abs_eps[j]) * sure);
+        double tie = (mid + magic) - magic;
+        double rounded = choose(t > 0, mid + half, choose(t < 0, mid - half, tie));
+        double value = copysign(choose(near, rounded, r), q);
+        result[j] = choose(zero, 0.0, value);
+        hard |= near & !known;
+        flags[j] = (unsigned char)hard;
+        any |= (int)hard;
+    }
+    return any;
+}
+
+/* Write a block of results (on the output grid, or ±inf) into ``out``; whether one is not finite. */
+static inline uint64_t store_block(void *out, int out_type, int64_t begin, const double *result,
+                                   int n, uint64_t highest) {
+    uint64_t bad = 0;
+    for (int j = 0; j < n; j++) bad |= ((bits_of(result[j]) >> 52) & 0x7FF) > highest;
+    if (out_type == BF16) {
+        for (int j = 0; j < n; j++) store_one(out, BF16, begin + j, result[j]);
+    } else if (out_type == FP16) {
+        for (int j = 0; j < n; j++) store_one(out, FP16, begin + j, result[j]);
+    } else {
+        for (int j = 0; j < n; j++) store_one(out, FP32, begin + j, result[j]);
+    }
+    return bad;
 }
 
 /* Any number of inputs and formats (the iterative-DPO merge, mixed formats). */
@@ -330,115 +413,46 @@ static inline __attribute__((always_inline)) int any_terms(const Plan *plan, int
     if (!buffer) return -1;
     double *theta = buffer, *s = buffer + BLOCK * k, *eps = s + BLOCK, *abs_eps = eps + BLOCK;
     double *result = abs_eps + BLOCK, *tmp = result + BLOCK;
-    const double L = plan->denominator, inv = plan->inverse;
-    const double bound_q = 2.0 * U * (1 + 0x1p-30), bound_e = inv * (1 + 0x1p-30);
-    const double sure = 2.0 * (k + 2) * U;
-    const double smallest = ldexp(1.0, plan->emin), scale = ldexp(1.0, 1 - plan->precision);
-    const double largest = plan->largest;
     const int tail = 53 - plan->precision;
     const uint64_t lowest = (uint64_t)(plan->emin + 1023);
-    int widest = 0;
+    const uint64_t highest = (uint64_t)(plan->emax + 1023);
+    int widest = 0, terms_bits = 0;
     for (int i = 0; i < k; i++) {
         int bits = bit_length(plan->coefficients[i]);
         widest = bits > widest ? bits : widest;
     }
-    int terms_bits = 0;
     while ((1 << terms_bits) < k) terms_bits++;
     const int span = 53 - 8 - widest - terms_bits - 1; /* bf16: 8 bits each */
-    int finite = 1;
+    int bf16 = span >= 0;
+    for (int i = 0; i < k; i++) bf16 &= plan->types[i] == BF16;
+    uint64_t bad = 0;
     for (int64_t begin = 0; begin < count; begin += BLOCK) {
         const int n = count - begin < BLOCK ? (int)(count - begin) : BLOCK;
-        for (int i = 0; i < k; i++) load(plan->inputs[i], plan->types[i], begin, n, theta + i * BLOCK);
         int any = 0;
-        if (span >= 0 && bf16_sums_exact(plan, begin, n, span)) { /* the usual case */
-            const double c = plan->coefficients[0];
-            for (int j = 0; j < n; j++) s[j] = c * theta[j];
-            for (int i = 1; i < k; i++) {
-                const double ci = plan->coefficients[i];
-                const double *x = theta + i * BLOCK;
-                for (int j = 0; j < n; j++) s[j] += ci * x[j];
-            }
+        if (bf16 && bf16_sums(plan, begin, n, span, s)) { /* the usual case */
             uint64_t flagged = 0;
             for (int j = 0; j < n; j++) {
-                uint64_t r = round_sum(s[j], 0.0, inv, L, tail, lowest);
+                uint64_t r = round_sum(s[j], 0.0, plan->inverse, plan->denominator, tail, lowest);
                 result[j] = from_bits(r & ~1ULL);
                 flags[j] = (unsigned char)(r & 1);
                 flagged |= r & 1;
             }
             any = (int)flagged;
         } else {
-        {
-            const double c = plan->coefficients[0];
-            for (int j = 0; j < n; j++) { s[j] = c * theta[j]; eps[j] = 0.0; abs_eps[j] = 0.0; }
-        }
-        for (int i = 1; i < k; i++) {
-            const double c = plan->coefficients[i];
-            const double *x = theta + i * BLOCK;
-            for (int j = 0; j < n; j++) {  /* TwoSum(s, cᵢθᵢ) */
-                double p = c * x[j];
-                double sum = s[j] + p;
-                double bv = sum - s[j];
-                double av = sum - bv;
-                double err = (s[j] - av) + (p - bv);
-                s[j] = sum;
-                eps[j] += err;
-                abs_eps[j] += fabs(err);
-            }
-        }
-        for (int j = 0; j < n; j++) { /* branch-free (selects on bits), so it vectorises */
-            double q = s[j] * inv;
-            double aq = fabs(q);
-            double bound = aq * bound_q + abs_eps[j] * bound_e;
-            double power = from_bits(bits_of(q) & EXPONENT);
-            power = choose(power < smallest, smallest, power);
-            double ulp = power * scale, half = ulp * 0.5, magic = ulp * MAGIC;
-            double r = (q + magic) - magic;
-            double dist = fabs(q - r);
-            uint64_t zero = (s[j] == 0.0) & (abs_eps[j] == 0.0);
-            uint64_t near = (half - dist) <= bound;
-            uint64_t hard = (bound >= half * 0.25) | ((aq <= bound) & !zero);
-            double mid = r + copysign(half, q - r);
-            double d = s[j] - L * mid; /* exact where near and not hard */
-            double t = d + eps[j];
-            uint64_t known = (uint64_t)(k == 2) | (abs_eps[j] == 0.0)
-                             | (fabs(t) > (fabs(d) + abs_eps[j]) * sure);
-            double tie = (mid + magic) - magic;
-            double rounded = choose(t > 0, mid + half, choose(t < 0, mid - half, tie));
-            double value = copysign(choose(near, rounded, r), q);
-            result[j] = choose(zero, 0.0, value);
-            hard |= near & !known;
-            flags[j] = (unsigned char)hard;
-            any |= (int)hard;
-        }
+            any = general_block(plan, begin, n, theta, s, eps, abs_eps, result, flags);
         }
         if (any) {
             for (int j = 0; j < n; j++) {
                 if (!flags[j]) continue;
-                for (int i = 0; i < k; i++) tmp[i] = theta[i * BLOCK + j];
+                for (int i = 0; i < k; i++)
+                    tmp[i] = load_one(plan->inputs[i], plan->types[i], begin + j);
                 result[j] = exact_one(tmp, plan);
             }
         }
-        int bad = 0;
-        for (int j = 0; j < n; j++) bad |= !(fabs(result[j]) <= largest);
-        finite &= !bad;
-        if (out_type == BF16) {
-            uint16_t *o = (uint16_t *)out + begin;
-            for (int j = 0; j < n; j++) {
-                float f = (float)result[j]; /* exact: the value is on the bf16 grid (or ±inf) */
-                uint32_t w;
-                memcpy(&w, &f, 4);
-                o[j] = (uint16_t)(w >> 16);
-            }
-        } else if (out_type == FP16) {
-            _Float16 *o = (_Float16 *)out + begin;
-            for (int j = 0; j < n; j++) o[j] = (_Float16)(float)result[j];
-        } else {
-            float *o = (float *)out + begin;
-            for (int j = 0; j < n; j++) o[j] = (float)result[j];
-        }
+        bad |= store_block(out, out_type, begin, result, n, highest);
     }
     free(buffer);
-    return finite;
+    return !bad;
 }
 
 /* Returns 1 if every written element is finite, else 0; -1 if out of memory. */
