@@ -140,38 +140,60 @@ RATIO_CASES = (  # (α, λ): ExPO with a decimal α, a dyadic one (many exact ti
 
 
 def ratio(elements: int, repeats: int = 5) -> str:
-    """Median time of today's kernel over the one before issue 20, interleaved, per case."""
+    """Median time of today's kernels over the one before issue 20, interleaved, per case: the
+    compiled kernel (what a CPU merge uses where a C compiler is found) and the torch kernel
+    (``MERGEKIT_EXPO_KERNEL=torch``: no compiler, GPU tensors)."""
+    import os
     import statistics
 
     from benchmarks.baseline import BEFORE_EXACT_ROUNDING, old_formula
+    from mergekit_expo.merge import native
     from mergekit_expo.merge.formula import extrapolate
 
     old = old_formula()
-    ratios = []
+    compiled = native.library() is not None
+
+    def torch_kernel(*args, **kwargs):
+        os.environ[native.ENV] = "torch"
+        try:
+            return extrapolate(*args, **kwargs)
+        finally:
+            del os.environ[native.ENV]
+
     theta0, *chain = _pair(elements, seed=0, count=3, step=0.035)
     # one thread (OMP_NUM_THREADS=1): both kernels run on the calling thread, whose CPU time
     # is what other processes on a busy machine disturb least; else wall time
     threads = torch.get_num_threads()
     clock, kind = (time.thread_time, "CPU time") if threads == 1 else (time.perf_counter, "wall")
+    kernels = {"old": old.extrapolate, "torch": torch_kernel}
+    if compiled:
+        kernels["compiled"] = extrapolate
     lines = [f"torch {torch.__version__}, {threads} threads, {theta0.numel() / 1e6:.0f} M bf16 "
-             f"elements; medians of {repeats} ({kind}), interleaved",
-             f"{'α':>5} {'λ':>4} {'before ' + BEFORE_EXACT_ROUNDING:>16} {'today':>10} "
-             f"{'ratio':>6}"]
+             f"elements; medians of {repeats} ({kind}), interleaved; ns per element",
+             f"{'α':>5} {'λ':>4} {'before ' + BEFORE_EXACT_ROUNDING:>15} "
+             + (f"{'compiled':>9} {'ratio':>6} " if compiled else "")
+             + f"{'torch':>7} {'ratio':>6}"]
+    ratios = []
     for alpha, lam in RATIO_CASES:
         mids = chain[:-1] if lam else ()
-        kernels = {"old": old.extrapolate, "new": extrapolate}
-        times = {"old": [], "new": []}
-        for fn in kernels.values():  # warm-up: scratch buffers, worker threads
+        times = {name: [] for name in kernels}
+        for fn in kernels.values():  # warm-up: scratch buffers, worker threads, the build
             fn(theta0, chain[-1], mids, alpha=alpha, lam=lam)
         for _ in range(repeats):
             for name, fn in kernels.items():
                 start = clock()
                 fn(theta0, chain[-1], mids, alpha=alpha, lam=lam)
                 times[name].append(clock() - start)
-        old_s, new_s = (statistics.median(times[k]) for k in ("old", "new"))
         n = theta0.numel()
-        ratios.append(new_s / old_s)
-        lines.append(f"{alpha:5g} {lam:4g} {old_s / n * 1e9:13.2f} ns {new_s / n * 1e9:7.2f} ns "
-                     f"{new_s / old_s:6.2f}")
-    lines.append(f"median ratio over the cases: {statistics.median(ratios):.2f}")
+        medians = {name: statistics.median(t) / n * 1e9 for name, t in times.items()}
+        ratios.append(medians["compiled" if compiled else "torch"] / medians["old"])
+        row = f"{alpha:5g} {lam:4g} {medians['old']:12.2f} ns "
+        if compiled:
+            row += f"{medians['compiled']:6.2f} ns {medians['compiled'] / medians['old']:6.2f} "
+        row += f"{medians['torch']:4.2f} ns {medians['torch'] / medians['old']:6.2f}"
+        lines.append(row)
+    if not compiled:
+        lines.append("(no compiled kernel here: no C compiler, or its build failed)")
+    lines.append(f"median ratio over the cases ({'compiled' if compiled else 'torch'}): "
+                 f"{statistics.median(ratios):.2f}")
     return "\n".join(lines)

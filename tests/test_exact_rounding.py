@@ -210,6 +210,14 @@ def test_iterative_merge_on_dpo_like_blocks(alpha, lam):
     first, second, final = (s.to(torch.bfloat16) for s in steps)
     far = final[2048:].double() * 2.0 ** -torch.randint(36, 61, (2048,), generator=gen).double()
     theta0 = torch.cat([theta0[:2048], far.to(torch.bfloat16)])
+    # a block of tiny, subnormal and zero results: every θ the same v ≈ 2⁻¹²⁰, θ₀ ≈ v·w/a
+    # with w = (1+α) the weight left on v, a few ulps off
+    v = ((torch.rand(512, generator=gen).double() + 1) * 2.0**-120).to(torch.bfloat16)
+    a = float(alpha)
+    w = _step((v.double() * (1 + a) / a).to(torch.bfloat16),
+              torch.randint(-2, 3, (512,), generator=gen))
+    theta0, first, second, final = (torch.cat([x, y]) for x, y in
+                                    ((theta0, w), (first, v), (second, v), (final, v)))
     mids = (first, second)
     out = torch.empty(final.shape, dtype=torch.bfloat16)
     extrapolate(theta0, final, mids, alpha=float(alpha), lam=float(lam), out=out)

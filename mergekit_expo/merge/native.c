@@ -330,6 +330,23 @@ static inline int bf16_sums(const Plan *plan, int64_t begin, int n, int span,
     return hi < 0x7F80 && hi <= lo + (span << 7);
 }
 
+/* Round exact sums ``s`` into the output and write them; whether one is flagged (bit 0 of
+ * ``round_sum``: left for the caller to settle exactly). ``bad``: set if one is not finite. */
+static inline __attribute__((always_inline)) uint64_t round_store(
+    const Plan *plan, const double *restrict s, int n, void *restrict out, int64_t begin,
+    const int out_type, const int tail, uint64_t lowest, uint64_t highest, uint64_t *bad) {
+    uint64_t flagged = 0, over = 0;
+    const double inv = plan->inverse, L = plan->denominator;
+    for (int j = 0; j < n; j++) {
+        uint64_t r = round_sum(s[j], 0.0, inv, L, tail, lowest);
+        flagged |= r & 1;
+        over |= ((r >> 52) & 0x7FF) > highest;
+        store_one(out, out_type, begin + j, from_bits(r & ~1ULL));
+    }
+    *bad |= over;
+    return flagged;
+}
+
 /* The general block: any formats; Σ cᵢθᵢ by a TwoSum cascade (S = s + Σ eᵢ), q = s/L with a
  * rigorous bound E ≥ |q − x| from the errors' sizes, rounded on the output grid (subnormal step
  * below the smallest normal); within E of a midpoint the side is the sign of (s − Lμ) + Σ eᵢ
@@ -413,7 +430,6 @@ static inline __attribute__((always_inline)) int any_terms(const Plan *plan, int
     if (!buffer) return -1;
     double *theta = buffer, *s = buffer + BLOCK * k, *eps = s + BLOCK, *abs_eps = eps + BLOCK;
     double *result = abs_eps + BLOCK, *tmp = result + BLOCK;
-    const int tail = 53 - plan->precision;
     const uint64_t lowest = (uint64_t)(plan->emin + 1023);
     const uint64_t highest = (uint64_t)(plan->emax + 1023);
     int widest = 0, terms_bits = 0;
@@ -431,13 +447,25 @@ static inline __attribute__((always_inline)) int any_terms(const Plan *plan, int
         int any = 0;
         if (bf16 && bf16_sums(plan, begin, n, span, s)) { /* the usual case */
             uint64_t flagged = 0;
-            for (int j = 0; j < n; j++) {
-                uint64_t r = round_sum(s[j], 0.0, plan->inverse, plan->denominator, tail, lowest);
-                result[j] = from_bits(r & ~1ULL);
-                flags[j] = (unsigned char)(r & 1);
-                flagged |= r & 1;
+            if (out_type == BF16) {
+                flagged = round_store(plan, s, n, out, begin, BF16, 45, lowest, highest, &bad);
+            } else if (out_type == FP16) {
+                flagged = round_store(plan, s, n, out, begin, FP16, 42, lowest, highest, &bad);
+            } else {
+                flagged = round_store(plan, s, n, out, begin, FP32, 29, lowest, highest, &bad);
             }
-            any = (int)flagged;
+            if (flagged) { /* below the output's smallest normal: one at a time, exactly */
+                for (int j = 0; j < n; j++) {
+                    double q = s[j] * plan->inverse;
+                    if (((bits_of(q) >> 52) & 0x7FF) >= lowest) continue;
+                    for (int i = 0; i < k; i++)
+                        tmp[i] = load_one(plan->inputs[i], plan->types[i], begin + j);
+                    double value = exact_one(tmp, plan);
+                    bad |= ((bits_of(value) >> 52) & 0x7FF) > highest;
+                    store_one(out, out_type, begin + j, value);
+                }
+            }
+            continue;
         } else {
             any = general_block(plan, begin, n, theta, s, eps, abs_eps, result, flags);
         }
