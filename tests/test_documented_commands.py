@@ -87,7 +87,8 @@ EXPECTED = {
     SEARCH_BENCH_SMALL: r'(?s)weights update per candidate median .* "scores_identical": true',
     LORA_BENCH_SMALL: r'"adapter_differing_elements_after_bf16_rounding": 0',
     "-m benchmarks exactness --elements 2K": r"after: 0 elements off in all cases",
-    "-m benchmarks kernel-ratio --elements 256K --repeats 3": r"median ratio over the cases: \d",
+    "-m benchmarks kernel-ratio --elements 256K --repeats 3":
+        r"median ratio over the cases \((compiled|torch)\): \d",
     ENGINES_HELP: r"Seconds per candidate \(weight update, generation, scoring\)",
     RAY_HELP: r"Candidates per minute: serial, 1 Ray worker, 2 Ray workers",
     GPU_DRY: r"7B: 6\.74 B parameters .*\n.*dry run: 39 tensors",
