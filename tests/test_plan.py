@@ -24,6 +24,7 @@ from conftest import run_merge_in_process, write_config
 from reference import agreement, formula64, load
 from safetensors.torch import load_file, save_file
 from test_examples import EXAMPLES, checkpoints, substitute
+from test_validation import build_llava
 
 from mergekit_expo.check.findings import ExpoConfigError
 from mergekit_expo.cli import main
@@ -251,6 +252,30 @@ def test_planning_leaves_mergekit_s_loader_cache_as_it_was(zoo, tmp_path):
     with pytest.raises(TypeError):  # the plan is read only
         plan.tensors[0].inputs[plan.slices[0].final] = "x"
 
+
+def test_transformers_renames_are_asked_for_only_where_the_plan_does_not_read_a_name(
+    zoo, tmp_path_factory, monkeypatch
+):
+    """A checkpoint whose every tensor the plan reads under its own name keeps its names, which
+    are what transformers' renames give them too; a LLaVA checkpoint, whose ``vision_tower.*``
+    mergekit plans under other names, gets transformers' renames."""
+    from mergekit_expo.patches import reads
+
+    asked, real = [], reads.checkpoint_renames
+    monkeypatch.setattr(reads, "checkpoint_renames",
+                        lambda model_type, names: asked.append(model_type) or real(model_type,
+                                                                                   names))
+    plan = build_plan(expo_config(zoo.sft, zoo.dpo, alpha=0.3))
+    assert asked == [] and plan.planned_names
+    for model, names in plan.planned_names.items():
+        assert dict(names) == real(model.config().model_type, names)
+
+    root = tmp_path_factory.mktemp("llava_plan")
+    sft, dpo = build_llava(root / "sft", 0), build_llava(root / "dpo", 1)
+    plan = build_plan(expo_config(sft, dpo, alpha=0.3, warn_relative_change=10))
+    assert asked == ["llava", "llava"]
+    for names in plan.planned_names.values():
+        assert any(planned != name for name, planned in names.items())
 
 def test_a_lost_feature_and_a_file_in_place_of_out_are_refused_by_check_as_by_the_merge(
     zoo, tmp_path, monkeypatch

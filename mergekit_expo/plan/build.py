@@ -142,7 +142,7 @@ def build_plan(source: Any, *, options: Any = None, tasks: Iterable[Any] | None 
     here on a copy of the config). Raises :class:`PlanError` for the config and for a tensor
     the kernel would refuse (λ ≠ 0 where no intermediate is listed).
     """
-    from mergekit_expo.plan.tasks import planned_tasks, tensor_tasks
+    from mergekit_expo.plan.tasks import planned_tasks, task_inputs, tensor_tasks
 
     base = plan_config(source)
     headers, damaged = read_model_headers(base.config)
@@ -151,12 +151,13 @@ def build_plan(source: Any, *, options: Any = None, tasks: Iterable[Any] | None 
     if tasks is None:
         tasks = planned_tasks(base.config, options)
     tensors, problems = [], []
-    planned_names = _planned_names(headers)
+    planned = [(name, task_inputs(task)) for name, task in tensor_tasks(tasks)]
+    planned_names = _planned_names(headers, [found for _, found in planned])
     by_plan_name = {model: {**{planned_names[model][n] or n: h for n, h in found.items()},
                             **found}
                     for model, found in headers.items()}
-    for name, task in tensor_tasks(tasks):
-        tensor = _tensor_plan(base, name, task, by_plan_name)
+    for name, found in planned:
+        tensor = _tensor_plan(base, name, found, by_plan_name)
         if tensor.lam and not tensor.intermediates:
             problems.append(
                 f"expo: lambda = {tensor.lam:g} for tensor {name}, but no intermediate "
@@ -175,10 +176,8 @@ def build_plan(source: Any, *, options: Any = None, tasks: Iterable[Any] | None 
     )
 
 
-def _tensor_plan(base: Plan, name: str, task: Any, headers) -> TensorPlan:
-    from mergekit_expo.plan.tasks import task_inputs
-
-    found = task_inputs(task)
+def _tensor_plan(base: Plan, name: str, found: Any, headers) -> TensorPlan:
+    """``found``: what the planner's task says about the tensor (``tasks.TaskInputs``)."""
     reference, models = found.reference, found.models
     non_base = [m for m in models if m != reference]
     marked = [m for m in non_base if (found.per_model.get(m) or {}).get("final")]
@@ -215,9 +214,29 @@ def _header(tensors: Any, names: tuple[str, ...]) -> Any:
     return None
 
 
-def _planned_names(headers: dict) -> dict:
-    """Per model, checkpoint name -> the name mergekit plans with (transformers' renames)."""
+def _planned_names(headers: dict, planned: list) -> dict:
+    """Per model, checkpoint name -> the name mergekit plans with (transformers' renames).
+
+    Only names the plan does not read as they are need a rename: a checkpoint name that is
+    read is its own planned name, and a lookup whose first name the checkpoint holds finds it
+    before any renamed one (``_header``). A model all of whose names are read, and which holds
+    the first name of each of its reads, keeps its names without asking transformers, whose
+    table of renames (for every model type at once) takes longer to build than the rest of the
+    plan.
+    """
     from mergekit_expo.patches.reads import checkpoint_renames
 
-    return {model: checkpoint_renames(model.config().model_type, tensors)
-            for model, tensors in headers.items()}
+    read: set[str] = set()
+    first: dict = {}
+    for found in planned:
+        for model, names in found.reads.items():
+            read.update(names)
+            if names:
+                first.setdefault(model, set()).add(names[0])
+    found_names = {}
+    for model, tensors in headers.items():
+        if read.issuperset(tensors) and first.get(model, set()).issubset(tensors):
+            found_names[model] = {name: name for name in tensors}
+        else:
+            found_names[model] = checkpoint_renames(model.config().model_type, tensors)
+    return found_names

@@ -64,7 +64,8 @@ class Plan:
     tensors: tuple[TensorPlan, ...] = ()
     headers: Mapping[Any, Mapping[str, Any]] = field(default_factory=dict)
     # per input with headers: checkpoint tensor name -> the name mergekit plans with (None: a
-    # name transformers fuses away); transformers' renames of older layouts, looked up once
+    # name transformers fuses away); transformers' renames of older layouts, looked up once, and
+    # only for an input some of whose names the plan does not read as they are
     planned_names: Mapping[Any, Mapping[str, str | None]] = field(default_factory=dict)
 
     @property
