@@ -37,10 +37,12 @@ def file_size_limit_from_now():
     """``ulimit -f 0`` from this moment: every write that grows a file fails with EFBIG."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+    bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no .pyc cut short
     try:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        sys.dont_write_bytecode = bytecode
 
 
 def signal_while_saving_config(signum):

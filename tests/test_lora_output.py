@@ -62,7 +62,9 @@ def earlier(made, tmp_path) -> Path:
 
 def lora_cli(*args, file_size_limit: int | None = None) -> subprocess.Popen:
     """``mergekit-expo lora ARGS`` as its own process; with a file size limit as ``ulimit -f``
-    sets it, and SIGXFSZ ignored, so that a write past it fails with EFBIG."""
+    sets it, and SIGXFSZ ignored, so that a write past it fails with EFBIG (and without
+    bytecode caching: a .pyc cut short by the limit would break every later process)."""
+    NO_PYC = {"PYTHONDONTWRITEBYTECODE": "1"} if file_size_limit is not None else {}
 
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -71,7 +73,7 @@ def lora_cli(*args, file_size_limit: int | None = None) -> subprocess.Popen:
 
     return subprocess.Popen(
         [str(BIN / "mergekit-expo"), "lora", *map(str, args)], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **NO_PYC},
         preexec_fn=limit if file_size_limit is not None else None,
     )
 

@@ -250,7 +250,9 @@ def merge_args(config: Path, out: Path) -> list[str]:
 
 
 def start(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # no bytecode caching: a file-size limit would leave a .pyc cut short for later processes
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, **kwargs)
 

@@ -71,7 +71,9 @@ def start(args: list[str], *, file_limit: int | None = None,
 
     return subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {}),
+             # no bytecode caching under the limit: a .pyc cut short would break later processes
+             **({"PYTHONDONTWRITEBYTECODE": "1"} if file_limit is not None else {})},
         preexec_fn=limit if file_limit is not None else None,
     )
 
