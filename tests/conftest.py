@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Python's bytecode cache, on even where PYTHONDONTWRITEBYTECODE is set: the suite starts a hundred
+# processes that import torch, transformers and mergekit, and without .pyc files each of them
+# compiles those packages from source again (seconds of CPU per process).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
+
+def _threads_per_worker() -> int | None:
+    """Under pytest-xdist, each worker's share of the cores (None outside xdist). Two workers
+    on two cores that each spin two OpenMP threads (and so does every process they start) fight
+    over the cores: the tiny models here then cost far more CPU time than on one thread."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+
+
+if _threads_per_worker() is not None:  # before torch is imported; inherited by child processes
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_worker()))
 
 from pathlib import Path  # noqa: E402
 
@@ -15,6 +33,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from mergekit_expo.demo.checkpoints import build_model, build_tokenizer, derive  # noqa: E402
+
+if _threads_per_worker() is not None:  # in case a plugin imported torch before this file
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 class Zoo:
@@ -61,6 +82,23 @@ class Zoo:
         return paths
 
 
+# Files that start engines or many processes, the most expensive first. Under pytest-xdist with
+# ``--dist loadfile --no-loadscope-reorder`` (README's test command) the workers take them in this
+# order, and the cheap files fill in at the end, so that the two workers finish together (xdist's
+# own order, by number of tests, would leave the engines, with few tests each, for last).
+EXPENSIVE_FIRST = (
+    "test_documented_commands.py", "test_search_engines.py", "test_benchmark_quick.py",
+    "test_search_failures.py", "test_search_pool.py", "test_nothing_lost.py",
+    "test_registration.py", "test_output_integrity.py", "test_lora_output.py", "test_cli.py",
+    "test_search_lm_eval.py",
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: index for index, name in enumerate(EXPENSIVE_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> Zoo:
     return Zoo(tmp_path_factory.mktemp("zoo"))
@@ -84,7 +122,7 @@ def run_merge_in_process(config: dict, out: Path, **options) -> Path:
 @pytest.fixture(scope="session")
 def search_example(tmp_path_factory) -> Path:
     """docs/search.md's worked example models, made once per test run by its own command
-    (``python examples/search/make_models.py DIR``, about a minute of training); under
+    (``python examples/search/make_models.py DIR``, about 20 s of training); under
     pytest-xdist the workers share one copy (made by the first, under a file lock)."""
     import subprocess
     import sys

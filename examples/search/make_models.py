@@ -8,7 +8,7 @@ the sentences of ``mergekit_expo.demo.checkpoints.CORPUS``. θ₁ (OUT_DIR/align
 a little further on the "helpful" sentences only, a stand-in for preference training.
 Extrapolating θ₁ away from θ₀ makes the model say more "helpful" words; too far and its answers
 fall apart, so the example scorer (``scorers.py:helpful_and_fluent``) has an optimum inside the
-α grid. Everything is local and seeded; it takes about a minute on 2 CPU cores.
+α grid. Everything is local and seeded; it takes about 20 s on a CPU core.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ def main(out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     out = out.resolve()
+    # one thread: a model this small trains fastest on one, and so it comes out the same whatever
+    # the core count (several threads may add up a matrix product in another order)
+    torch.set_num_threads(1)
     tokenizer = build_tokenizer()
     build_model(out / "init", seed=0, hidden=64, heads=2, layers=2, dtype=torch.float32,
                 tokenizer=tokenizer)

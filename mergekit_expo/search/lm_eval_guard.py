@@ -13,6 +13,8 @@ every task.
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 from mergekit_expo.search.merge_config import SearchConfigError
@@ -43,11 +45,10 @@ class LmEvalTasks:
 
     def run(self, model, tokenizer) -> Scores:
         import lm_eval
-        from lm_eval.tasks import TaskManager
 
         lm = self._model(model, tokenizer)
         passed = {k: v for k, v in self.args.items() if k not in OWN_KEYS}
-        manager = TaskManager(include_path=self.args.get("include_path"))
+        manager = task_manager(self.args.get("include_path"))
         result = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, task_manager=manager,
                                          log_samples=True, **passed)
         values: list[float] = []
@@ -109,6 +110,29 @@ class LmEvalScorer:
 
     def evaluate(self, model, *, progress: bool = True) -> Scores:
         return self.tasks.run(model, self.tokenizer)
+
+
+def task_manager(include_path: str | Path | list | tuple | None):
+    """lm-eval's ``TaskManager`` over its own tasks and ``include_path``, made once per process
+    for as long as the YAML files under ``include_path`` stay as they are. Making one indexes
+    every task YAML lm-eval ships (thousands of files: seconds), and a search runs the tasks on
+    every candidate, as its scorer and as its guard."""
+    paths = include_path if isinstance(include_path, (list, tuple)) else [include_path]
+    paths = tuple(str(p) for p in paths if p)
+    return _task_manager(paths, tuple(_yaml_files(Path(p)) for p in paths))
+
+
+def _yaml_files(root: Path) -> tuple[tuple[str, int], ...]:
+    """The task YAMLs under ``root`` (or ``root`` itself) with their modification times."""
+    files = sorted(root.rglob("*.y*ml")) if root.is_dir() else [root] if root.exists() else []
+    return tuple((str(f), f.stat().st_mtime_ns) for f in files)
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(paths: tuple[str, ...], state: tuple) -> Any:  # state: a key only
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths) or None)
 
 
 def _first_metric(summary: dict[str, Any]) -> str:
