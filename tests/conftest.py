@@ -119,26 +119,63 @@ def run_merge_in_process(config: dict, out: Path, **options) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def search_example(tmp_path_factory) -> Path:
-    """docs/search.md's worked example models, made once per test run by its own command
-    (``python examples/search/make_models.py DIR``, about 20 s of training); under
-    pytest-xdist the workers share one copy (made by the first, under a file lock)."""
-    import subprocess
-    import sys
-
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """``make(folder)`` run once per test run, its folder shared by the pytest-xdist workers (the
+    first makes it under a file lock; the others wait for it). A run that fails leaves no
+    marker, so the next worker tries again and fails the same way."""
     from filelock import FileLock
 
-    root = Path(__file__).resolve().parents[1]
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the run's folder, above every worker's own
-    out = shared / "search-example" / "example"
-    with FileLock(str(shared / "search-example.lock")):
-        if not (out / "expo.yml").is_file():
-            subprocess.run([sys.executable, "examples/search/make_models.py", str(out)],
-                           cwd=root, check=True, capture_output=True, text=True, timeout=600)
-    return out
+    folder, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def search_example(tmp_path_factory) -> Path:
+    """docs/search.md's worked example models, made once per test run by its own command
+    (``python examples/search/make_models.py DIR``, about 10 s of training)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def make(folder: Path) -> None:
+        subprocess.run([sys.executable, "examples/search/make_models.py", str(folder / "example")],
+                       cwd=root, check=True, capture_output=True, text=True, timeout=600)
+
+    return made_once(tmp_path_factory, "search-example", make) / "example"
+
+
+@pytest.fixture(scope="session")
+def console_merge(tmp_path_factory) -> dict:
+    """``mergekit-yaml expo.yml OUT -v`` run once as its own process (the installed console
+    script) over a θ₀ and θ₁ made for it: the tests of what it writes and of what it prints
+    read the same run."""
+    import json
+    import subprocess
+
+    def make(folder: Path) -> None:
+        zoo = Zoo(folder / "zoo")
+        sft, dpo = zoo.sft, zoo.dpo
+        config = write_config(folder / "expo.yml", {
+            "merge_method": "expo", "base_model": str(sft), "models": [{"model": str(dpo)}],
+            "parameters": {"alpha": 0.5}})
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("mergekit-yaml")), str(config),
+             str(folder / "out"), "-v"],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        (folder / "run.json").write_text(json.dumps({
+            "sft": str(sft), "dpo": str(dpo), "alpha": 0.5, "out": str(folder / "out"),
+            "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}))
+
+    run = json.loads((made_once(tmp_path_factory, "console-merge", make) / "run.json").read_text())
+    return {**run, **{key: Path(run[key]) for key in ("sft", "dpo", "out")}}
 
 
 def search_inputs(zoo: Zoo, root: Path, name: str, *, seed: int, final_seed: int, scale: float,

@@ -32,21 +32,20 @@ def expo_yaml(path: Path, base: Path, aligned: Path, alpha) -> Path:
     return path
 
 
-def test_mergekit_yaml_console_script_and_transformers_forward(zoo, tmp_path):
-    config = expo_yaml(tmp_path / "expo.yml", zoo.sft, zoo.dpo, 0.5)
-    out = tmp_path / "out"
-    result = run(BIN / "mergekit-yaml", config, out, "-v")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"expo roles: reference θ₀ = {zoo.sft}; final θ_T = {zoo.dpo}" in result.stderr
+def test_mergekit_yaml_console_script_and_transformers_forward(console_merge):
+    """``mergekit-yaml expo.yml OUT -v`` (the session's one run of it, ``console_merge``)."""
+    sft, dpo, out = console_merge["sft"], console_merge["dpo"], console_merge["out"]
+    assert console_merge["returncode"] == 0, console_merge["stderr"][-3000:]
+    assert f"expo roles: reference θ₀ = {sft}; final θ_T = {dpo}" in console_merge["stderr"]
 
-    merged, theta0, theta1 = load(out), load(zoo.sft), load(zoo.dpo)
+    merged, theta0, theta1 = load(out), load(sft), load(dpo)
     for name, tensor in merged.items():
         assert agreement(tensor, formula64(theta0[name], theta1[name], alpha=0.5)) >= 0.9999
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    aligned = AutoModelForCausalLM.from_pretrained(str(zoo.dpo)).eval()
+    aligned = AutoModelForCausalLM.from_pretrained(str(dpo)).eval()
     assert model.dtype == torch.bfloat16
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     batch = tokenizer(["The assistant answers the question"], return_tensors="pt")

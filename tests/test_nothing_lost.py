@@ -69,11 +69,20 @@ def test_mergekit_yaml_into_the_aligned_models_folder_is_refused_in_one_block(
     assert f"output folder {dpo} is the folder of models[0]" in done.stderr
     assert "inputs are never written" in done.stderr and "(run with -v" in done.stderr
     assert snapshot(dpo) == before and not list(dpo.glob(".expo-*"))
-    checked = run("mergekit-expo", "check", str(config), str(dpo))
-    assert checked.returncode == 1
+    # check and -v through the same click commands, in this process
+    from click.testing import CliRunner
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    from mergekit_expo.cli import main
+    from mergekit_expo.errors import ExpoError
+
+    checked = CliRunner().invoke(main, ["check", str(config), str(dpo)])
+    assert checked.exit_code == 1
     assert f"ERROR: output folder {dpo} is the folder of models[0]" in checked.stderr
-    verbose = run("mergekit-yaml", str(config), str(dpo), "-v")
-    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+    verbose = CliRunner().invoke(mergekit_yaml, [str(config), str(dpo), "-v"])
+    assert verbose.exit_code == 1  # -v: the refusal raised as it is, for its traceback
+    assert isinstance(verbose.exception, ExpoError) and str(dpo) in str(verbose.exception)
+    assert snapshot(dpo) == before
 
 
 @pytest.mark.parametrize("where", ["base_model", "inside", "contains", "symlink", "hardlink"])

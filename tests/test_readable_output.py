@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -17,23 +15,15 @@ from test_merge_graph import expo_config
 
 from mergekit_expo.cli import main
 
-MERGEKIT_YAML = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
 
-
-def mergekit_yaml(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([MERGEKIT_YAML, *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def test_our_log_lines_start_a_line_while_mergekit_draws_its_bar(zoo, tmp_path):
-    config = write_config(tmp_path / "expo.yml", expo_config(zoo.sft, zoo.dpo, alpha=0.3))
-    done = mergekit_yaml("-v", config, tmp_path / "out")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Executing graph" in done.stderr  # the bar is drawn on the same stream
-    ours = [m.start() for m in re.finditer(r"(INFO|WARNING):mergekit_expo:", done.stderr)]
-    assert any("expo roles:" in done.stderr[i:i + 40] for i in ours)
-    glued = [done.stderr[max(0, i - 60):i + 40] for i in ours
-             if i and done.stderr[i - 1] not in "\r\n"]
+def test_our_log_lines_start_a_line_while_mergekit_draws_its_bar(console_merge):
+    """``mergekit-yaml expo.yml OUT -v`` as its own process (the session's ``console_merge``)."""
+    stderr = console_merge["stderr"]
+    assert console_merge["returncode"] == 0, stderr[-3000:]
+    assert "Executing graph" in stderr  # the bar is drawn on the same stream
+    ours = [m.start() for m in re.finditer(r"(INFO|WARNING):mergekit_expo:", stderr)]
+    assert any("expo roles:" in stderr[i:i + 40] for i in ours)
+    glued = [stderr[max(0, i - 60):i + 40] for i in ours if i and stderr[i - 1] not in "\r\n"]
     assert not glued, glued
 
 
@@ -89,13 +79,17 @@ def test_the_search_names_a_misspelt_method(zoo, tmp_path):
 
 
 def test_mergekit_yaml_refuses_a_misspelt_method_in_one_block(zoo, tmp_path):
+    """mergekit's own command (its click callback, wrapped as in the console script)."""
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
     config = expo_config(zoo.sft, zoo.dpo, alpha=0.3) | {"merge_method": "exp0"}
-    done = mergekit_yaml(write_config(tmp_path / "typo.yml", config), tmp_path / "out")
-    assert done.returncode == 1
+    done = CliRunner().invoke(mergekit_yaml, [str(write_config(tmp_path / "typo.yml", config)),
+                                              str(tmp_path / "out")])
+    assert done.exit_code == 1
     assert "mergekit-yaml: refused by mergekit-expo" in done.stderr
     assert "merge_method `exp0` is not a merge method mergekit knows; did you mean `expo`?" \
         in done.stderr
-    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+    assert "Traceback" not in done.output and not (tmp_path / "out").exists()
 
 
 def test_a_misspelt_scorer_function_gets_a_suggestion(tmp_path):

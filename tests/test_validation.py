@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from collections import namedtuple
 
 import pytest
@@ -201,17 +199,18 @@ def test_multimerge_checks_every_step_before_running_any(zoo, tmp_path):
     assert not (tmp_path / "steps" / "step_one").exists()  # step one did not run either
 
 
-# -- the real command line, once ---------------------------------------------------------------
+# -- mergekit-yaml's own command -----------------------------------------------------------------
 
 
 def test_mergekit_yaml_refuses_a_typo_and_writes_nothing(zoo, tmp_path):
+    """mergekit's click command, wrapped as in the console script (whose process is run in
+    test_cli.py and test_nothing_lost.py)."""
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
     config = write_config(tmp_path / "typo.yml", expo_config(zoo.sft, zoo.dpo, alhpa=0.5))
     out = tmp_path / "out"
-    done = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), str(config), str(out)],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert done.returncode != 0
+    done = CliRunner().invoke(mergekit_yaml, [str(config), str(out)])
+    assert done.exit_code != 0
     assert "unknown parameter `alhpa` in parameters; did you mean `alpha`?" in done.stderr
     assert not out.exists()
 
