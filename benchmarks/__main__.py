@@ -152,20 +152,22 @@ def performance(markdown, plot_path, params, repeats, only, large_params, large_
                 skip_large, reuse_run, reuse_breakdown, reuse_search, reuse_large, cache_dir,
                 results_dir):
     """Measure everything docs/performance.md shows and write the page (and its plot)."""
+    # what measures (torch, the checkpoints) is imported only for what is not reused
     from benchmarks import performance as page
-    from benchmarks.breakdown import main as breakdown_main
     from benchmarks.report import plot
-    from benchmarks.run import Settings, run_session
-    from benchmarks.scale import GB, search_memory
-    from benchmarks.scale import large as measure_large
-    from benchmarks.synthetic import parse_count
+
+    def count(text: str) -> float:
+        from benchmarks.synthetic import parse_count
+
+        return parse_count(text)
 
     cache, results = cache_dir.resolve(), results_dir.resolve()
-    size = parse_count(params)
     run_data = page.load(reuse_run)
     if run_data is None:
+        from benchmarks.run import Settings, run_session
+
         run_data = run_session(Settings(
-            sizes=[size], cache=cache, results=results, repeats=repeats,
+            sizes=[count(params)], cache=cache, results=results, repeats=repeats,
             include=set(only.split(",")), quiet_limit=None,
         ))
     page.add_raw_walls(run_data)
@@ -173,12 +175,21 @@ def performance(markdown, plot_path, params, repeats, only, large_params, large_
         plot(run_data, plot_path)
     breakdown = page.load(reuse_breakdown)
     if breakdown is None:
-        breakdown_main(size, cache, results, repeats, 0.3, None, ())
+        from benchmarks.breakdown import main as breakdown_main
+
+        breakdown_main(count(params), cache, results, repeats, 0.3, None, ())
         breakdown = page.load(results / "breakdown" / "breakdown.json")
-    search = page.load(reuse_search) or search_memory(size, [1, 5], cache, results, 1)
+    search = page.load(reuse_search)
+    if search is None:
+        from benchmarks.scale import search_memory
+
+        search = search_memory(count(params), [1, 5], cache, results, 1)
     large_data = page.load(reuse_large)
     if large_data is None and not skip_large:
-        large_data = measure_large(parse_count(large_params), cache, results, large_repeats,
+        from benchmarks.scale import GB
+        from benchmarks.scale import large as measure_large
+
+        large_data = measure_large(count(large_params), cache, results, large_repeats,
                                    18 * GB, ("--out-shard-size", "500M"), 2, 4, True, False,
                                    log=click.echo)
     command = " ".join(["python", "-m", "benchmarks", *sys.argv[1:]])

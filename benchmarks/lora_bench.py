@@ -80,22 +80,40 @@ def size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def plain_scaling(adapter: Path) -> float:
+    """PEFT's scaling of every module of a LoRA adapter without per-module ranks or alphas:
+    lora_alpha / r (rsLoRA: / √r), read from adapter_config.json. The check needs no more, and
+    importing PEFT costs seconds of CPU; an adapter it cannot read this way is refused."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
+        raise click.ClickException(f"{adapter}: per-module ranks or alphas, or DoRA: the "
+                                   "benchmark checks plain LoRA adapters only")
+    return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora")
+                                   else config["r"])
+
+
+def low_rank_update(adapter: Path, module: str) -> torch.Tensor:
+    """B @ A of one module of ``adapter``, in float64."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as handle:
+        a, b = (handle.get_tensor(f"base_model.model.{module}.lora_{x}.weight").double()
+                for x in "AB")
+    return b @ a
+
+
 def check(sft: Path, adapter: Path, lora_out: Path, merged: Path, alpha: float) -> dict:
     """One tensor of each output against θ₀ + (1+α)·s·BA in float64."""
-    from mergekit_expo.lora.adapter import read_adapter
-
     theta0 = CheckpointReader(sft).get(CHECKED).double()
-    given, written = read_adapter(adapter), read_adapter(lora_out)
     module = CHECKED.removesuffix(".weight")
-    pair = given.pairs[module]
-    update = given.tensors[pair.b_key].double() @ given.tensors[pair.a_key].double()
-    exact = theta0 + (1 + alpha) * pair.scaling * update
-    ours = theta0 + written.pairs[module].scaling * update  # the adapter's own definition
+    given, written = plain_scaling(adapter), plain_scaling(lora_out)
+    exact = theta0 + (1 + alpha) * given * low_rank_update(adapter, module)
+    ours = theta0 + written * low_rank_update(lora_out, module)  # the adapter's own definition
     full = CheckpointReader(merged).get(CHECKED)
     rounded = exact.to(torch.bfloat16)
     return {
         "tensor": CHECKED,
-        "adapter_scaling_over_input": written.pairs[module].scaling / pair.scaling,
+        "adapter_scaling_over_input": written / given,
         "adapter_differing_elements_after_bf16_rounding": int((ours.to(torch.bfloat16)
                                                                != rounded).sum()),
         "full_merge_differing_elements": int((full != rounded).sum()),

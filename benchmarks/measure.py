@@ -23,8 +23,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
-
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
 
 
@@ -86,6 +84,16 @@ def read_status(pid: int) -> dict[str, int]:
     return values
 
 
+def _parent(pid: int) -> int | None:
+    """The parent's pid from ``/proc/<pid>/stat`` (None once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(b")") + 2:].split()[1])  # "pid (comm) state ppid ..."
+
+
 class TreeSampler(threading.Thread):
     """Samples RSS and RssAnon summed over a process and its descendants until stopped."""
 
@@ -101,19 +109,32 @@ class TreeSampler(threading.Thread):
         self.timeline: list[tuple[float, int, int]] = []
         self._halt = threading.Event()
         self._start = time.perf_counter()
-        try:
-            self._root = psutil.Process(pid)
-        except psutil.NoSuchProcess:
-            self._root = None
+        self._parents: dict[int, int | None] = {}  # every process on the machine -> its parent
+        self._tree: list[int] = []
 
     def _pids(self) -> list[int]:
-        if self._root is None:
+        """The process and its descendants. Every process's parent is read once, when it first
+        appears in ``/proc``, and again on each sample while it is in the tree (so a process
+        whose parent exits leaves it): reading every process's ``stat`` on every sample, as
+        ``psutil``'s ``children()`` does, costs ~2 ms of CPU, a tenth of a core at 20 ms."""
+        alive = {int(name) for name in os.listdir("/proc") if name.isdigit()}
+        parents = self._parents
+        for pid in parents.keys() - alive:
+            del parents[pid]
+        for pid in (alive - parents.keys()).union(alive.intersection(self._tree)):
+            parents[pid] = _parent(pid)
+        if self.pid not in alive:
+            self._tree = []
             return []
-        try:
-            children = self._root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        return [self.pid, *(child.pid for child in children)]
+        children: dict[int | None, list[int]] = {}
+        for pid, parent in parents.items():
+            children.setdefault(parent, []).append(pid)
+        tree, index = [self.pid], 0
+        while index < len(tree):
+            tree.extend(pid for pid in children.get(tree[index], ()) if pid not in tree)
+            index += 1
+        self._tree = tree
+        return tree
 
     def sample(self) -> None:
         rss = private = 0

@@ -10,6 +10,7 @@ tokenizer. A finished checkpoint is marked by ``.complete``, so an interrupted b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -196,9 +197,15 @@ def _write_checkpoint(
 
 
 def _write_tokenizer(out: Path) -> None:
+    _tokenizer().save_pretrained(str(out))
+
+
+@functools.cache
+def _tokenizer():
+    """Trained once per process: every checkpoint of a family has the same tokenizer."""
     from mergekit_expo.demo.checkpoints import build_tokenizer
 
-    build_tokenizer().save_pretrained(str(out))
+    return build_tokenizer()
 
 
 class CheckpointReader:
