@@ -1,16 +1,17 @@
 """``--engine vllm``: the engine's weights are the merge's, bit for bit (read back, fused
-projections split again), and a search runs through it. One engine for the whole session."""
+projections split again), and a search runs through it. One engine (and one reward engine) for
+the whole file, closed when the file is done: an idle vLLM engine's worker keeps polling (CPU
+time the rest of the run would pay), and closing it must end its processes."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
+from conftest import run_merge_in_process, write_config
 from engines import need
 from reference import load
 
@@ -18,7 +19,7 @@ PROMPTS = ["The assistant answers the question", "A helpful answer is", "Numbers
            "User: how do I merge two models? Assistant:"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def engine_family(search_example, tmp_path_factory):
     """The worked example's θ₀ and θ₁ (bf16, head_dim 32: vLLM's CPU attention needs ≥ 32),
     with an intermediate between them for λ."""
@@ -37,19 +38,49 @@ def family_config(family, **parameters) -> dict:
     return config
 
 
-@pytest.fixture(scope="session")
+def engine_processes(started):
+    """The vLLM engine processes (engine core, workers) this process started in ``started()``,
+    and a check that they are gone: closing an engine must end them, not leave them to the
+    interpreter's exit."""
+    import psutil
+
+    def ours():
+        found = set()
+        for process in psutil.Process().children(recursive=True):
+            try:
+                if process.name().startswith("VLLM::"):
+                    found.add(process)
+            except psutil.NoSuchProcess:  # a short-lived helper, gone already
+                pass
+        return found
+
+    before = ours()
+    result = started()
+    processes = ours() - before
+    assert processes, "the engine started no VLLM:: process"
+
+    def check_gone():
+        _, alive = psutil.wait_procs(processes, timeout=30)
+        assert not alive, f"still running after close(): {alive}"
+
+    return result, check_gone
+
+
+@pytest.fixture(scope="module")
 def engine_weights(engine_family, tmp_path_factory):
-    """The session's one vLLM engine, behind the search's candidate interface."""
+    """The file's one vLLM engine, behind the search's candidate interface."""
     need("vllm")
     from mergekit_expo.search.merge_config import load_search_config
     from mergekit_expo.search.vllm_engine import EngineWeights
 
     path = write_config(tmp_path_factory.mktemp("engine") / "c.yml",
                         family_config(engine_family))
-    weights = EngineWeights(load_search_config(path), need_intermediates=True, progress=False,
-                            chunk_bytes=200_000)  # several chunks even for a tiny model
+    weights, check_gone = engine_processes(lambda: EngineWeights(
+        load_search_config(path), need_intermediates=True, progress=False,
+        chunk_bytes=200_000))  # several chunks even for a tiny model
     yield weights
     weights.model.close()
+    check_gone()
 
 
 @pytest.mark.parametrize("alpha,lam", [(0.5, 0.4)])  # ExPO with θ̄: every kernel term
@@ -57,13 +88,10 @@ def test_engine_weights_equal_mergekit_yaml_bit_for_bit(engine_weights, engine_f
                                                         lam, tmp_path):
     engine_weights.apply(alpha, lam)  # fingerprints checked inside, at every update
     held = engine_weights.model.read()
-    config = write_config(tmp_path / "best.yml", family_config(engine_family, alpha=alpha,
-                                                               **{"lambda": lam}))
-    out = tmp_path / "merged"
-    mergekit_yaml = Path(sys.executable).with_name("mergekit-yaml")  # the real CLI
-    subprocess.run([str(mergekit_yaml), str(config), str(out), "--no-copy-tokenizer"],
-                   check=True, capture_output=True)
-    merged = load(out)
+    config = family_config(engine_family, alpha=alpha, **{"lambda": lam})
+    # mergekit's own merge, as `mergekit-yaml best.yml OUT --no-copy-tokenizer` runs it (in
+    # this process: no 8 s import of mergekit in a new interpreter)
+    merged = load(run_merge_in_process(config, tmp_path / "merged", copy_tokenizer=False))
     fused = {n for n in merged if any(p in n for p in ("q_proj", "k_proj", "v_proj",
                                                         "gate_proj", "up_proj"))}
     assert fused and set(merged) <= set(held)  # every merged tensor, fused ones included
@@ -89,7 +117,7 @@ def test_search_with_the_vllm_engine_samples_per_candidate_and_repeats(
     from mergekit_expo.search.run import run_search
     from mergekit_expo.search.settings import SearchSettings
 
-    # the session's running engine stands in for a new one (same model, dtype and options)
+    # the file's running engine stands in for a new one (same model, dtype and options)
     monkeypatch.setattr(vllm_engine, "VllmEngine", lambda *a, **k: engine_weights.model)
     config = write_config(tmp_path / "c.yml", family_config(engine_family))
     prompts = tmp_path / "p.jsonl"
@@ -118,8 +146,8 @@ def test_search_with_the_vllm_engine_samples_per_candidate_and_repeats(
 
 def test_worked_example_runs_with_the_vllm_engine_as_documented(
         engine_weights, search_example, tmp_path, monkeypatch):
-    """docs/search.md's ``--engine vllm`` command, word for word (in this session's folder, on
-    the session's engine, which holds the same θ_T in the same dtype)."""
+    """docs/search.md's ``--engine vllm`` command, word for word (in this test's folder, on
+    the file's engine, which holds the same θ_T in the same dtype)."""
     import shlex
 
     from click.testing import CliRunner
@@ -204,7 +232,7 @@ def test_the_engine_generates_with_the_weights_loaded(engine_weights, engine_fam
 def test_lm_eval_scores_and_guards_on_the_running_engine_as_on_transformers(
         engine_weights, engine_family, tmp_path, monkeypatch):
     """``--scorer``/``--guard lm-eval:TASKS`` with ``--engine vllm``: lm-eval's vLLM model class
-    runs on the session's engine (no model written, no second engine), and every document's
+    runs on the file's engine (no model written, no second engine), and every document's
     accuracy equals lm-eval's on the transformers model of the same candidate."""
     need("lm_eval")
     from engines import write_local_task
@@ -245,7 +273,7 @@ def test_lm_eval_scores_and_guards_on_the_running_engine_as_on_transformers(
 REWARD_TOLERANCE = 1e-5  # float32 logits; docs/search.md, "At scale"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_reward(search_example, tmp_path_factory):
     """A tiny float32 reward model (head_dim 32) served by one vLLM pooling engine."""
     need("vllm")
@@ -258,9 +286,10 @@ def vllm_reward(search_example, tmp_path_factory):
     path = build_reward_model(tmp_path_factory.mktemp("rm") / "rm", tokenizer, hidden=64,
                               layers=2, heads=2)
     scorer = VllmRewardScorer(path)
-    scorer.prepare(progress=False)
+    _, check_gone = engine_processes(lambda: scorer.prepare(progress=False))
     yield scorer
     scorer.close()
+    check_gone()
 
 
 def test_the_reward_model_in_vllm_scores_as_transformers_does(vllm_reward, engine_family,
@@ -279,7 +308,7 @@ def test_the_reward_model_in_vllm_scores_as_transformers_does(vllm_reward, engin
     assert got == pytest.approx(expected, abs=REWARD_TOLERANCE, rel=0)
     assert len(set(got)) == len(got)
 
-    # a search with --reward-engine vllm scores with it (the session's engine stands in for
+    # a search with --reward-engine vllm scores with it (the file's engine stands in for
     # the one it would start: same model)
     monkeypatch.setattr(module, "VllmRewardScorer", lambda path, **k: vllm_reward)
     config = write_config(tmp_path / "c.yml", family_config(engine_family))

@@ -2,8 +2,9 @@
 
 Each actor builds its own :class:`~mergekit_expo.search.evaluator.Evaluator` (an engine — vLLM
 with its own tensor parallelism, or transformers — and the scorer) from the run's settings,
-once, and scores whatever candidate it is given. The driver hands each candidate to an idle
-actor and writes every row to ``results.jsonl`` itself, so the file stays the run's one
+once, and scores whatever candidate it is given. Actors start as candidates need them, up to
+N (a run with one candidate left builds one engine, not N). The driver hands each candidate to
+an idle actor and writes every row to ``results.jsonl`` itself, so the file stays the run's one
 resumable record. An actor that dies is replaced and its candidate handed out again; a
 candidate that has killed ``MAX_RESTARTS + 1`` actors stops the run with a
 :class:`WorkerCrashError` that names it. Every candidate samples with the run's seed, so each
@@ -46,30 +47,42 @@ class PoolWorker:
         return row, time.perf_counter() - started
 
 
+def connect(address: str | None, workers: int) -> bool:
+    """Join the Ray cluster at ``address``, or start a local one with ``workers`` CPUs. Returns
+    whether this call connected (False: the caller had initialized Ray already), that is,
+    whether ``ray.shutdown()`` is ours to call."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is not None:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    return True
+
+
 class Pool:
-    """``workers`` actors on a Ray cluster (a local one unless ``ray_address``)."""
+    """Up to ``workers`` actors on a Ray cluster (a local one unless ``ray_address``)."""
 
     def __init__(self, session):
         import ray
 
         settings = session.settings
-        self.started_ray = not ray.is_initialized()
-        if self.started_ray:
-            if settings.ray_address is not None:
-                ray.init(address=settings.ray_address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=settings.workers, include_dashboard=False,
-                         log_to_driver=False)
+        self.started_ray = connect(settings.ray_address, settings.workers)
         self.actor_class = ray.remote(num_cpus=1, num_gpus=settings.worker_gpus,
                                       max_restarts=0)(PoolWorker)
         self.arguments = (settings.model_copy(update={"progress": False}), session.scorer,
                           session.data, session.assignment, session.guard, session.need_mids)
-        self.actors = [self._new_actor() for _ in range(settings.workers)]
+        self.size = settings.workers
+        self.actors: list = []  # started by run() as candidates need them
         self.replaced = 0
         self.results = session.results
 
     def _new_actor(self):
-        return self.actor_class.remote(*self.arguments)
+        actor = self.actor_class.remote(*self.arguments)
+        self.actors.append(actor)
+        return actor
 
     def run(self, jobs: list[tuple[dict[str, Any], Any]], record) -> None:
         """Score every ``(head, values)``; ``record(head, row, seconds)`` as each finishes."""
@@ -80,8 +93,9 @@ class Pool:
         idle = deque(self.actors)
         running: dict[Any, tuple[Any, tuple]] = {}  # object ref → (actor, job)
         while queue or running:
-            while queue and idle:
-                actor, job = idle.popleft(), queue.popleft()
+            while queue and (idle or len(self.actors) < self.size):
+                actor = idle.popleft() if idle else self._new_actor()
+                job = queue.popleft()
                 running[actor.measure.remote(job[1])] = (actor, job)
             done, _ = ray.wait(list(running), num_returns=1)
             actor, job = running.pop(done[0])
@@ -97,12 +111,9 @@ class Pool:
                         f"the scorer. {self.results.resume_note()}") from None
                 LOG.warning("expo search: a Ray worker died (%s); replacing it and scoring "
                             "%s again", type(error).__name__, candidate_text(key))
-                self.actors.remove(actor)
-                actor = self._new_actor()
-                self.actors.append(actor)
+                self.actors.remove(actor)  # its replacement starts when the job is handed out
                 self.replaced += 1
                 queue.appendleft((key, values, tries + 1))
-                idle.append(actor)
                 continue
             idle.append(actor)
             record(job[0], row, seconds)
