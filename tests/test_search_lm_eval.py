@@ -112,3 +112,22 @@ def test_lm_eval_scorer_is_the_task_metric_of_each_candidate(lm_case, tmp_path, 
         assert row["mean"] == pytest.approx(lm_case["expected"][row["alpha"]]), row["alpha"]
     with pytest.raises(ValueError, match="lm-eval:TASKS scores whole tasks: hold-out"):
         SearchSettings.model_validate({**settings.model_dump(), "holdout_fraction": 0.5})
+
+
+def test_local_tasks_are_found_without_indexing_lm_evals_own(tmp_path):
+    need("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from mergekit_expo.search.lm_eval_guard import local_tasks_suffice, task_manager
+
+    tasks = write_local_task(tmp_path / "tasks")
+    manager = task_manager(tasks, ["expo_local"])
+    assert "expo_local" in manager.all_subtasks
+    assert "hellaswag" not in manager.all_tasks  # lm-eval's own tasks were not indexed
+    (tasks / "group.yaml").write_text("group: expo_group\ntask:\n  - expo_local\n")
+    local = TaskManager(include_path=str(tasks), include_defaults=False)
+    assert "expo_group" in local.all_groups
+    assert local_tasks_suffice(local, ["expo_local"])
+    assert not local_tasks_suffice(local, ["expo_group"])  # its members may be lm-eval's own
+    assert not local_tasks_suffice(local, ["expo_local", "hellaswag"])
+    assert not local_tasks_suffice(local, [])

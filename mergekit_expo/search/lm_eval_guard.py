@@ -14,6 +14,7 @@ every task.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ class LmEvalTasks:
 
         lm = self._model(model, tokenizer)
         passed = {k: v for k, v in self.args.items() if k not in OWN_KEYS}
-        manager = task_manager(self.args.get("include_path"))
+        manager = task_manager(self.args.get("include_path"), self.tasks)
         result = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, task_manager=manager,
                                          log_samples=True, **passed)
         values: list[float] = []
@@ -112,14 +113,17 @@ class LmEvalScorer:
         return self.tasks.run(model, self.tokenizer)
 
 
-def task_manager(include_path: str | Path | list | tuple | None):
-    """lm-eval's ``TaskManager`` over its own tasks and ``include_path``, made once per process
-    for as long as the YAML files under ``include_path`` stay as they are. Making one indexes
-    every task YAML lm-eval ships (thousands of files: seconds), and a search runs the tasks on
-    every candidate, as its scorer and as its guard."""
+def task_manager(include_path: str | Path | list | tuple | None, tasks: Sequence[str] = ()):
+    """lm-eval's ``TaskManager`` for ``tasks``, made once per process for as long as the YAML
+    files under ``include_path`` stay as they are: a search runs the tasks on every candidate,
+    as its scorer and as its guard. Where every one of ``tasks`` is a plain task (not a group or
+    tag) of ``include_path``, the manager indexes only ``include_path``, as it would resolve
+    them anyway (``include_path`` takes precedence); otherwise it also indexes every task YAML
+    lm-eval ships (thousands of files: seconds of CPU)."""
     paths = include_path if isinstance(include_path, (list, tuple)) else [include_path]
     paths = tuple(str(p) for p in paths if p)
-    return _task_manager(paths, tuple(_yaml_files(Path(p)) for p in paths))
+    return _task_manager(paths, tuple(sorted(set(tasks))),
+                         tuple(_yaml_files(Path(p)) for p in paths))
 
 
 def _yaml_files(root: Path) -> tuple[tuple[str, int], ...]:
@@ -129,10 +133,20 @@ def _yaml_files(root: Path) -> tuple[tuple[str, int], ...]:
 
 
 @functools.lru_cache(maxsize=8)
-def _task_manager(paths: tuple[str, ...], state: tuple) -> Any:  # state: a key only
-    from lm_eval.tasks import TaskManager
+def _task_manager(paths: tuple[str, ...], tasks: tuple[str, ...], state: tuple) -> Any:
+    from lm_eval.tasks import TaskManager  # state: a key only
 
+    if paths and tasks:
+        local = TaskManager(include_path=list(paths), include_defaults=False)
+        if local_tasks_suffice(local, tasks):
+            return local
     return TaskManager(include_path=list(paths) or None)
+
+
+def local_tasks_suffice(manager: Any, tasks: Sequence[str]) -> bool:
+    """Whether every one of ``tasks`` is a plain task in ``manager``'s index (a group or tag may
+    name lm-eval's own tasks among its members)."""
+    return bool(tasks) and set(tasks) <= set(manager.all_subtasks)
 
 
 def _first_metric(summary: dict[str, Any]) -> str:
