@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -78,10 +79,15 @@ def start(args: list[str], *, file_limit: int | None = None,
     )
 
 
-def one_line_error(process: subprocess.Popen) -> str:
-    """The command failed with one ``Error:`` line and no traceback; that line."""
-    _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 1, stderr[-3000:]
+def one_line_error(run) -> str:
+    """The command (a process, or a click ``Result`` of it run in this process) failed with one
+    ``Error:`` line and no traceback; that line."""
+    if isinstance(run, subprocess.Popen):
+        stderr = run.communicate(timeout=600)[1]
+        code = run.returncode
+    else:
+        code, stderr = run.exit_code, run.stderr
+    assert code == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, stderr[-3000:]
@@ -98,9 +104,10 @@ def settings(inputs, out: Path, **overrides) -> SearchSettings:
 
 
 @pytest.fixture(scope="module")
-def runs(inputs, zoo, tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
+def runs(inputs, zoo, tmp_path_factory) -> dict[str, tuple[Any, Path]]:
     """The failing commands, started together (each is mostly its start-up): name → (process,
-    its OUT_DIR). An earlier run's plot and best adapter are in place where they must go."""
+    or the click result of the scorer's run in this process, and its OUT_DIR). An earlier run's
+    plot and best adapter are in place where they must go."""
     from test_lora import make_adapter
 
     root = tmp_path_factory.mktemp("failing")
@@ -121,8 +128,6 @@ def runs(inputs, zoo, tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Pat
                                                  "models": [{"model": f"{base}+{adapter}"}]})
     weights = (adapter / "adapter_model.safetensors").stat().st_size
     processes = {
-        # the second candidate (α = 0.3), its second prompt: call 3 + 2
-        "scorer": start(command(inputs, outs["scorer"]), env={"FAIL_ON_CALL": "5"}),
         # above results.jsonl and best.yml, below the PNG (about 50 kB)
         "plot": start(command(inputs, outs["plot"]), file_limit=20_000),
         # above the PNG, below the merged model's weights (250 kB)
@@ -133,7 +138,11 @@ def runs(inputs, zoo, tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Pat
                           "--pairs", str(pairs), "--alpha", "0.4", "--no-progress"],
                          file_limit=weights // 2),
     }
-    yield {name: (process, outs[name]) for name, process in processes.items()}
+    # meanwhile, in this process: the second candidate (α = 0.3), its second prompt: call 3 + 2
+    scorer = CliRunner().invoke(main, command(inputs, outs["scorer"])[1:],
+                                env={"FAIL_ON_CALL": "5"})
+    yield {"scorer": (scorer, outs["scorer"]),
+           **{name: (process, outs[name]) for name, process in processes.items()}}
     for process in processes.values():
         process.kill()
         process.communicate()
@@ -145,8 +154,7 @@ def runs(inputs, zoo, tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Pat
 def test_full_disk_while_appending_a_row_keeps_the_rows_before_and_resumes(
     inputs, runs, tmp_path
 ):
-    process, earlier = runs["scorer"]
-    process.wait(timeout=600)
+    _, earlier = runs["scorer"]
     out = tmp_path / "search"
     shutil.copytree(earlier, out)  # a run that finished α = 0.1
     before = (out / "results.jsonl").read_bytes()

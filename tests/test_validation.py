@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections import namedtuple
 
@@ -213,6 +214,29 @@ def test_mergekit_yaml_refuses_a_typo_and_writes_nothing(zoo, tmp_path):
     assert done.exit_code != 0
     assert "unknown parameter `alhpa` in parameters; did you mean `alpha`?" in done.stderr
     assert not out.exists()
+
+
+def test_mergekit_yaml_refuses_bad_alpha_and_writes_nothing_complete(zoo, tmp_path):
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    config = write_config(tmp_path / "bad.yml", expo_config(zoo.sft, zoo.dpo, alpha="lots"))
+    done = CliRunner().invoke(mergekit_yaml, [str(config), str(tmp_path / "out")])
+    assert done.exit_code == 1 and "Traceback" not in done.output  # one block
+    assert "mergekit-yaml: refused by mergekit-expo" in done.stderr
+    assert ("expo parameter 'alpha' must be a number, got the string 'lots'; write e.g. "
+            "`alpha: 0.3` (all layers)") in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("alpha, says", [
+    ([0.1, "x"], "expo parameter 'alpha' must be a number, got the string 'x'"),
+    ([{"filter": "mlp", "value": True}, {"value": 0.3}], "got True (bool)"),
+    (float("inf"), "expo parameter 'alpha' must be finite, got inf"),
+])
+def test_every_value_of_a_setting_is_checked_with_the_plan(zoo, tmp_path, alpha, says):
+    with pytest.raises(ExpoConfigError, match=re.escape(says)):
+        run_merge_in_process(expo_config(zoo.sft, zoo.dpo, alpha=alpha), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_tied_and_untied_inputs_are_refused_at_merge_start(zoo, tmp_path):

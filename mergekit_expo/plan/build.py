@@ -21,7 +21,9 @@ from mergekit_expo.merge.parameters import (
     DEFAULT_LAMBDA,
     DEFAULT_WARN_RELATIVE_CHANGE,
     LAMBDA,
+    SHARED,
     WARN_RELATIVE_CHANGE,
+    to_number,
 )
 from mergekit_expo.merge.roles import pick_final
 from mergekit_expo.plan import config as config_io
@@ -77,6 +79,20 @@ def _nonzero(setting: Any) -> bool:
                for value, _ in setting_values(setting))
 
 
+def _number_problems(shared: Any) -> list[str]:
+    """alpha, lambda and warn_relative_change where one of their values is not a finite number
+    (``alpha: lots``): refused with the plan, before mergekit reads a tensor."""
+    problems = []
+    for name in SHARED:
+        if name in shared:
+            for value, _ in setting_values(shared[name]):
+                try:
+                    to_number(name, value)
+                except ValueError as error:
+                    problems.append(str(error))
+    return problems
+
+
 def slice_plans(config: Any) -> tuple[list[SlicePlan], list[str]]:
     """Roles and settings per output slice; problems that no merge of it could get past."""
     plans, problems = [], []
@@ -102,6 +118,10 @@ def slice_plans(config: Any) -> tuple[list[SlicePlan], list[str]]:
             problems.append(f"{error} ({piece.where})")
             continue
         intermediates = tuple(m for m, _ in non_base if m != final)
+        numbers = _number_problems(piece.shared)
+        if numbers:
+            problems += [f"{problem} ({piece.where})" for problem in numbers]
+            continue
         alpha = piece.shared.get(ALPHA, DEFAULT_ALPHA)
         lam = piece.shared.get(LAMBDA, DEFAULT_LAMBDA)
         warn = piece.shared.get(WARN_RELATIVE_CHANGE, DEFAULT_WARN_RELATIVE_CHANGE)
