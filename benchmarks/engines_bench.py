@@ -22,13 +22,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import click  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -113,6 +116,8 @@ def candidate(weights, sampler, alpha: float) -> dict[str, float]:
 def main(workdir, hidden, layers, dtypes, prompt_count, max_new_tokens, batch_size, repeat,
          vllm_args, json_out):
     """Seconds per candidate (weight update, generation, scoring): transformers vs vLLM."""
+    import torch
+
     from mergekit_expo.search.settings import SamplingSettings, parse_options
 
     workdir.mkdir(parents=True, exist_ok=True)

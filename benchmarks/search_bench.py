@@ -28,9 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import click  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PROMPT_STEMS = [
@@ -47,6 +45,8 @@ PROMPT_STEMS = [
 
 def build_inputs(work: Path, hidden: int, layers: int, prompts: int) -> dict[str, Path]:
     """θ₀, θ₁, a reward model and a prompts file under ``work`` (reused if present)."""
+    import torch
+
     from mergekit_expo.demo.checkpoints import build_model, build_tokenizer, derive
 
     paths = {
@@ -135,6 +135,7 @@ def time_by_hand(
     with ``in_process`` mergekit's ``run_merge`` called in this process (a scripted loop that
     pays mergekit's import once). The reward model is loaded once either way.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mergekit_expo.search.generation import Sampler
@@ -203,6 +204,9 @@ def time_scripted_loop(paths, work: Path, alphas, sampling: dict) -> tuple[float
 def main(workdir, hidden, layers, alphas, prompt_count, max_new_tokens, batch_size, repeat,
          threads, json_out, scripted_loop_to):
     """Time K candidates: `mergekit-expo search` vs K × (mergekit-yaml + load + scoring)."""
+    import torch
+    from safetensors.torch import load_file
+
     alphas = [float(a) for a in alphas.split(",")]
     if threads:  # on a shared machine, 1 thread is far less noisy than spinning OpenMP threads
         os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from test_lora import make_adapter
 from test_output_integrity import leftovers, record_renames, snapshot
 
+from mergekit_expo.cli import main
 from mergekit_expo.lora.adapter import AdapterError, read_adapter
 from mergekit_expo.lora.extrapolate import expo_adapter
 from mergekit_expo.output.folder import OutputFolderError
@@ -241,10 +243,10 @@ def test_a_full_disk_leaves_the_earlier_adapter_and_says_so_in_one_line(dpo, ear
 def test_a_base_of_another_name_is_refused_unless_told(base, made, tmp_path):
     renamed = Path(shutil.copytree(base, tmp_path / "renamed"))
     saving = made / "saving"
-    code, stderr = finished(lora_cli(saving, tmp_path / "out", "--alpha", "0.3",
-                                     "--base", renamed))
-    assert code == 1
-    assert stderr == (
+    done = CliRunner().invoke(main, ["lora", str(saving), str(tmp_path / "out"), "--alpha",
+                                     "0.3", "--base", str(renamed)])  # in this process
+    assert done.exit_code == 1 and isinstance(done.exception, SystemExit), done.output  # no trace
+    assert done.stderr == (
         f"Error: --base {renamed} is not the model adapter {saving} was trained over: its "
         f"adapter_config.json names base_model_name_or_path {str(base)!r}. Give that model as "
         "--base, or add --ignore-base-name if this folder is that model under another name "
