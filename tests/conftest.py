@@ -88,10 +88,11 @@ class Zoo:
 # own order, by number of tests, would leave the engines, with few tests each, for last).
 EXPENSIVE_FIRST = (
     "test_documented_commands.py", "test_search_engines.py", "test_benchmark_quick.py",
-    "test_search_failures.py", "test_search_pool.py", "test_nothing_lost.py",
-    "test_registration.py", "test_output_integrity.py", "test_lora_output.py", "test_cli.py",
-    "test_search_lm_eval.py", "test_exact_paths.py", "test_toy_alignment_smoke.py",
-    "test_exact_rounding.py", "test_native_kernel.py", "test_search.py",
+    "test_search_reward_engine.py", "test_search_failures.py", "test_search_pool.py",
+    "test_nothing_lost.py", "test_registration.py", "test_output_integrity.py",
+    "test_lora_output.py", "test_cli.py", "test_search_lm_eval.py", "test_exact_paths.py",
+    "test_toy_alignment_smoke.py", "test_exact_rounding.py", "test_native_kernel.py",
+    "test_search.py",
 )
 
 
