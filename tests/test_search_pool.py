@@ -1,15 +1,9 @@
 """``--workers``: a local Ray cluster on the CPU scores the same rows as a serial run, trials
 run several at a time and stay reproducible, a worker that dies is replaced and its candidate
-scored again, and a candidate that keeps killing workers stops the run with one clear error.
-
-One cluster for the file, started as ``--workers 2`` starts one (``ray_pool.connect``) in a
-process of its own, and joined by each run through ``--ray-address``: starting a cluster costs
-seconds of CPU, and its daemons end with that process when the file is done."""
+scored again, and a candidate that keeps killing workers stops the run with one clear error."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -48,36 +42,6 @@ def pool_case(zoo, tmp_path_factory):
     return {"config": config, "prompts": prompts, "scorer": scorer, "root": root}
 
 
-# the cluster's holder: starts it, prints its address, and shuts it down when stdin closes
-HOLDER = """
-import sys
-import ray
-from mergekit_expo.search.ray_pool import connect
-assert connect(None, 2)
-print(ray.get_runtime_context().gcs_address, flush=True)
-sys.stdin.read()
-ray.shutdown()
-"""
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    """The file's cluster's address. A local cluster has token authentication on, and a run
-    that joins by address (not ``auto``) uses the token only where ``RAY_AUTH_MODE=token``."""
-    need("ray")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_AUTH_MODE", "token")
-        holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
-        try:
-            address = holder.stdout.readline().strip()
-            assert address, "the Ray cluster did not start"
-            yield address
-        finally:
-            holder.stdin.close()
-            holder.wait(timeout=60)
-
-
 def run(case, out, function, **extra):
     settings = SearchSettings.model_validate({
         "config": case["config"], "out_dir": out, "alphas": [0.1, 0.3, 0.5],
@@ -114,11 +78,10 @@ def serial_rows(case, rows, **extra):
     return [evaluator.measure({g: tuple(v) for g, v in row["groups"].items()}) for row in rows]
 
 
-def test_two_ray_workers_give_the_serial_rows_and_survive_a_dead_worker(pool_case, ray_address,
-                                                                         tmp_path):
+def test_two_ray_workers_give_the_serial_rows_and_survive_a_dead_worker(pool_case, tmp_path):
+    need("ray")
     serial = run(pool_case, tmp_path / "serial", "score")
-    pooled = run(pool_case, tmp_path / "pooled", "dies_once", workers=2, trials=4,
-                 ray_address=ray_address)
+    pooled = run(pool_case, tmp_path / "pooled", "dies_once", workers=2, trials=4)
     assert (pool_case["root"] / "died").exists()  # a worker really died on the way
     assert comparable(pooled.rows) == comparable(serial.rows)
     assert pooled.evaluated == 3 + 4
@@ -130,13 +93,13 @@ def test_two_ray_workers_give_the_serial_rows_and_survive_a_dead_worker(pool_cas
         assert row["scores"] == expected["scores"] and row["mean"] == expected["mean"]
     lines = (tmp_path / "pooled" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 3 + 4  # each candidate once, written by the driver
-    resumed = run(pool_case, tmp_path / "pooled", "dies_once", workers=2, trials=4,
-                  ray_address=ray_address)
+    resumed = run(pool_case, tmp_path / "pooled", "dies_once", workers=2, trials=4)
     assert resumed.evaluated == 0 and comparable(resumed.trials) == comparable(pooled.trials)
 
 
-def test_a_candidate_that_keeps_killing_workers_ends_in_one_clear_error(pool_case, ray_address,
-                                                                        tmp_path, monkeypatch):
+def test_a_candidate_that_keeps_killing_workers_ends_in_one_clear_error(pool_case, tmp_path,
+                                                                        monkeypatch):
+    need("ray")
     from click.testing import CliRunner
 
     from mergekit_expo.cli import main
@@ -147,14 +110,14 @@ def test_a_candidate_that_keeps_killing_workers_ends_in_one_clear_error(pool_cas
         "search", str(pool_case["config"]), str(tmp_path / "out"), "--alpha", "0.3",
         "--prompts", str(pool_case["prompts"]), "--engine", "hf", "--no-progress",
         "--scorer", f"{pool_case['scorer']}:always_dies", "--max-new-tokens", "2",
-        "--workers", "2", "--ray-address", ray_address])
+        "--workers", "2"])
     assert result.exit_code == 1
     assert "Error: α = 0.3, λ = 0 ended 2 Ray workers in turn" in result.output
     assert "the same command resumes from there" in result.output
     assert "Traceback" not in result.output
     import ray
 
-    assert not ray.is_initialized()  # the run lets go of the cluster after the failure
+    assert not ray.is_initialized()  # the run's cluster is shut down after the failure
 
 
 def test_trials_proposed_n_at_a_time_depend_on_n_and_the_seed_only():
