@@ -121,6 +121,15 @@ def run_merge_in_process(config: dict, out: Path, **options) -> Path:
     return out
 
 
+def mergekit_yaml_in_process(*args: object):
+    """mergekit's own ``mergekit-yaml`` click command, run in this process (its callback wrapped
+    as in the console script, whose process other tests start): the click ``Result``."""
+    from click.testing import CliRunner
+    from mergekit.scripts.run_yaml import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
 def made_once(tmp_path_factory, name: str, make) -> Path:
     """``make(folder)`` run once per test run, its folder shared by the pytest-xdist workers (the
     first makes it under a file lock; the others wait for it). A run that fails leaves no

@@ -27,8 +27,9 @@ def test_mergekit_yaml_console_script_and_transformers_forward(console_merge):
     assert f"expo roles: reference θ₀ = {sft}; final θ_T = {dpo}" in console_merge["stderr"]
 
     merged, theta0, theta1 = load(out), load(sft), load(dpo)
+    alpha = console_merge["alpha"]
     for name, tensor in merged.items():
-        assert agreement(tensor, formula64(theta0[name], theta1[name], alpha=0.5)) >= 0.9999
+        assert agreement(tensor, formula64(theta0[name], theta1[name], alpha=alpha)) >= 0.9999
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -444,8 +444,7 @@ def test_adapter_configs_check_with_the_merge_option_and_print_a_runnable_comman
     import shlex
 
     from click.testing import CliRunner
-    from conftest import write_config
-    from mergekit.scripts.run_yaml import main as mergekit_yaml
+    from conftest import mergekit_yaml_in_process, write_config
 
     from mergekit_expo.cli import main
     from mergekit_expo.search.merge_config import load_search_config
@@ -468,6 +467,6 @@ def test_adapter_configs_check_with_the_merge_option_and_print_a_runnable_comman
     out = tmp_path / "merged"
     words = [str(out) if w == "OUT" else w for w in shlex.split(command)]
     assert words[0] == "mergekit-yaml"  # its click command, here in this process
-    done = CliRunner().invoke(mergekit_yaml, words[1:])
+    done = mergekit_yaml_in_process(*words[1:])
     assert done.exit_code == 0, done.output[-2000:]
     assert (out / "config.json").exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_merge_in_process, write_config
+from conftest import mergekit_yaml_in_process, run_merge_in_process, write_config
 from reference import agreement, formula64, load
 from test_output_integrity import assert_loads_as, expected_files, snapshot
 
@@ -71,7 +71,6 @@ def test_mergekit_yaml_into_the_aligned_models_folder_is_refused_in_one_block(
     assert snapshot(dpo) == before and not list(dpo.glob(".expo-*"))
     # check and -v through the same click commands, in this process
     from click.testing import CliRunner
-    from mergekit.scripts.run_yaml import main as mergekit_yaml
 
     from mergekit_expo.cli import main
     from mergekit_expo.errors import ExpoError
@@ -79,7 +78,7 @@ def test_mergekit_yaml_into_the_aligned_models_folder_is_refused_in_one_block(
     checked = CliRunner().invoke(main, ["check", str(config), str(dpo)])
     assert checked.exit_code == 1
     assert f"ERROR: output folder {dpo} is the folder of models[0]" in checked.stderr
-    verbose = CliRunner().invoke(mergekit_yaml, [str(config), str(dpo), "-v"])
+    verbose = mergekit_yaml_in_process(config, dpo, "-v")
     assert verbose.exit_code == 1  # -v: the refusal raised as it is, for its traceback
     assert isinstance(verbose.exception, ExpoError) and str(dpo) in str(verbose.exception)
     assert snapshot(dpo) == before

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_config
+from conftest import mergekit_yaml_in_process, write_config
 from test_merge_graph import expo_config
 
 from mergekit_expo.cli import main
@@ -80,11 +80,8 @@ def test_the_search_names_a_misspelt_method(zoo, tmp_path):
 
 def test_mergekit_yaml_refuses_a_misspelt_method_in_one_block(zoo, tmp_path):
     """mergekit's own command (its click callback, wrapped as in the console script)."""
-    from mergekit.scripts.run_yaml import main as mergekit_yaml
-
     config = expo_config(zoo.sft, zoo.dpo, alpha=0.3) | {"merge_method": "exp0"}
-    done = CliRunner().invoke(mergekit_yaml, [str(write_config(tmp_path / "typo.yml", config)),
-                                              str(tmp_path / "out")])
+    done = mergekit_yaml_in_process(write_config(tmp_path / "typo.yml", config), tmp_path / "out")
     assert done.exit_code == 1
     assert "mergekit-yaml: refused by mergekit-expo" in done.stderr
     assert "merge_method `exp0` is not a merge method mergekit knows; did you mean `expo`?" \

@@ -1,7 +1,7 @@
 """``--engine vllm``: the engine's weights are the merge's, bit for bit (read back, fused
-projections split again), and a search runs through it. One engine (and one reward engine) for
-the whole file, closed when the file is done: an idle vLLM engine's worker keeps polling (CPU
-time the rest of the run would pay), and closing it must end its processes."""
+projections split again), and a search runs through it. One engine for the whole file, closed
+when the file is done: an idle vLLM engine's worker keeps polling (CPU time the rest of the run
+would pay), and closing it must end its processes."""
 
 from __future__ import annotations
 

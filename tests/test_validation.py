@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import run_merge_in_process, write_config
+from conftest import mergekit_yaml_in_process, run_merge_in_process, write_config
 from reference import load
 from test_merge_graph import expo_config
 
@@ -206,21 +206,17 @@ def test_multimerge_checks_every_step_before_running_any(zoo, tmp_path):
 def test_mergekit_yaml_refuses_a_typo_and_writes_nothing(zoo, tmp_path):
     """mergekit's click command, wrapped as in the console script (whose process is run in
     test_cli.py and test_nothing_lost.py)."""
-    from mergekit.scripts.run_yaml import main as mergekit_yaml
-
     config = write_config(tmp_path / "typo.yml", expo_config(zoo.sft, zoo.dpo, alhpa=0.5))
     out = tmp_path / "out"
-    done = CliRunner().invoke(mergekit_yaml, [str(config), str(out)])
+    done = mergekit_yaml_in_process(config, out)
     assert done.exit_code != 0
     assert "unknown parameter `alhpa` in parameters; did you mean `alpha`?" in done.stderr
     assert not out.exists()
 
 
 def test_mergekit_yaml_refuses_bad_alpha_and_writes_nothing_complete(zoo, tmp_path):
-    from mergekit.scripts.run_yaml import main as mergekit_yaml
-
     config = write_config(tmp_path / "bad.yml", expo_config(zoo.sft, zoo.dpo, alpha="lots"))
-    done = CliRunner().invoke(mergekit_yaml, [str(config), str(tmp_path / "out")])
+    done = mergekit_yaml_in_process(config, tmp_path / "out")
     assert done.exit_code == 1 and "Traceback" not in done.output  # one block
     assert "mergekit-yaml: refused by mergekit-expo" in done.stderr
     assert ("expo parameter 'alpha' must be a number, got the string 'lots'; write e.g. "
