@@ -78,8 +78,11 @@ def serial_rows(case, rows, **extra):
     return [evaluator.measure({g: tuple(v) for g, v in row["groups"].items()}) for row in rows]
 
 
-def test_two_ray_workers_give_the_serial_rows_and_survive_a_dead_worker(pool_case, tmp_path):
+def test_two_ray_workers_give_the_serial_rows_and_survive_a_dead_worker(pool_case, tmp_path,
+                                                                         monkeypatch):
     need("ray")
+    import ray
+
     serial = run(pool_case, tmp_path / "serial", "score")
     pooled = run(pool_case, tmp_path / "pooled", "dies_once", workers=2, trials=4)
     assert (pool_case["root"] / "died").exists()  # a worker really died on the way
@@ -93,6 +96,12 @@ def test_two_ray_workers_give_the_serial_rows_and_survive_a_dead_worker(pool_cas
         assert row["scores"] == expected["scores"] and row["mean"] == expected["mean"]
     lines = (tmp_path / "pooled" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 3 + 4  # each candidate once, written by the driver
+    assert not ray.is_initialized()  # the run's own cluster is shut down at its end
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a run with nothing left to score started a Ray cluster")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
     resumed = run(pool_case, tmp_path / "pooled", "dies_once", workers=2, trials=4)
     assert resumed.evaluated == 0 and comparable(resumed.trials) == comparable(pooled.trials)
 
