@@ -80,16 +80,13 @@ def size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def plain_scaling(adapter: Path) -> float:
-    """PEFT's scaling of every module of a LoRA adapter without per-module ranks or alphas:
-    lora_alpha / r (rsLoRA: / √r), read from adapter_config.json. The check needs no more, and
-    importing PEFT costs seconds of CPU; an adapter it cannot read this way is refused."""
+def scaling(adapter: Path, module: str) -> float:
+    """PEFT's scaling of ``module`` from the adapter's adapter_config.json (the package's
+    :func:`module_scaling`, without reading the config through PEFT: seconds of CPU)."""
+    from mergekit_expo.lora.adapter import module_scaling
+
     config = json.loads((adapter / "adapter_config.json").read_text())
-    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
-        raise click.ClickException(f"{adapter}: per-module ranks or alphas, or DoRA: the "
-                                   "benchmark checks plain LoRA adapters only")
-    return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora")
-                                   else config["r"])
+    return module_scaling(config, module)[1]
 
 
 def low_rank_update(adapter: Path, module: str) -> torch.Tensor:
@@ -106,7 +103,7 @@ def check(sft: Path, adapter: Path, lora_out: Path, merged: Path, alpha: float) 
     """One tensor of each output against θ₀ + (1+α)·s·BA in float64."""
     theta0 = CheckpointReader(sft).get(CHECKED).double()
     module = CHECKED.removesuffix(".weight")
-    given, written = plain_scaling(adapter), plain_scaling(lora_out)
+    given, written = scaling(adapter, module), scaling(lora_out, module)
     exact = theta0 + (1 + alpha) * given * low_rank_update(adapter, module)
     ours = theta0 + written * low_rank_update(lora_out, module)  # the adapter's own definition
     full = CheckpointReader(merged).get(CHECKED)

@@ -163,6 +163,15 @@ def search_example(tmp_path_factory) -> Path:
     return made_once(tmp_path_factory, "search-example", make) / "example"
 
 
+@pytest.fixture(scope="module")
+def engine_family(search_example, tmp_path_factory):
+    """The worked example's θ₀ and θ₁ (bf16, head_dim 32: vLLM's CPU attention needs ≥ 32),
+    with an intermediate between them for λ."""
+    sft, final = search_example / "sft", search_example / "aligned"
+    middle = derive(sft, tmp_path_factory.mktemp("engine") / "middle", seed=70, scale=0.02)
+    return {"sft": sft, "iterates": [middle], "final": final}
+
+
 @pytest.fixture(scope="session")
 def console_merge(tmp_path_factory) -> dict:
     """``mergekit-yaml expo.yml OUT -v`` run once as its own process (the installed console

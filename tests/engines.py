@@ -1,5 +1,6 @@
 """Optional engines (vLLM, Ray, lm-eval) in tests: skipped where the extra is not installed,
-a failure where ``EXPO_REQUIRE_ENGINES=1`` (set by CI, which installs every extra)."""
+a failure where ``EXPO_REQUIRE_ENGINES=1`` (set by CI, which installs every extra); a local
+lm-eval task, and what the vLLM engine tests share."""
 
 from __future__ import annotations
 
@@ -57,3 +58,44 @@ def write_local_task(folder):
     data.write_text("".join(json.dumps(d) + "\n" for d in TASK_DOCS))
     (folder / "expo_local.yaml").write_text(TASK_YAML.format(data=data))
     return folder
+
+
+# prompts for the engine tests (test_search_engines.py, test_search_reward_engine.py)
+PROMPTS = ["The assistant answers the question", "A helpful answer is", "Numbers 0 1 2 3",
+           "User: how do I merge two models? Assistant:"]
+
+
+def family_config(family, **parameters) -> dict:
+    config = {"merge_method": "expo", "base_model": str(family["sft"]),
+              "models": [{"model": str(m)} for m in (*family["iterates"], family["final"])]}
+    if parameters:
+        config["parameters"] = parameters
+    return config
+
+
+def engine_processes(started):
+    """The vLLM engine processes (engine core, workers) this process started in ``started()``,
+    and a check that they are gone: closing an engine must end them, not leave them to the
+    interpreter's exit."""
+    import psutil
+
+    def ours():
+        found = set()
+        for process in psutil.Process().children(recursive=True):
+            try:
+                if process.name().startswith("VLLM::"):
+                    found.add(process)
+            except psutil.NoSuchProcess:  # a short-lived helper, gone already
+                pass
+        return found
+
+    before = ours()
+    result = started()
+    processes = ours() - before
+    assert processes, "the engine started no VLLM:: process"
+
+    def check_gone():
+        _, alive = psutil.wait_procs(processes, timeout=30)
+        assert not alive, f"still running after close(): {alive}"
+
+    return result, check_gone

@@ -12,58 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_merge_in_process, write_config
-from engines import need
+from engines import PROMPTS, engine_processes, family_config, need
 from reference import load
-
-PROMPTS = ["The assistant answers the question", "A helpful answer is", "Numbers 0 1 2 3",
-           "User: how do I merge two models? Assistant:"]
-
-
-@pytest.fixture(scope="module")
-def engine_family(search_example, tmp_path_factory):
-    """The worked example's θ₀ and θ₁ (bf16, head_dim 32: vLLM's CPU attention needs ≥ 32),
-    with an intermediate between them for λ."""
-    from mergekit_expo.demo.checkpoints import derive
-
-    sft, final = search_example / "sft", search_example / "aligned"
-    middle = derive(sft, tmp_path_factory.mktemp("engine") / "middle", seed=70, scale=0.02)
-    return {"sft": sft, "iterates": [middle], "final": final}
-
-
-def family_config(family, **parameters) -> dict:
-    config = {"merge_method": "expo", "base_model": str(family["sft"]),
-              "models": [{"model": str(m)} for m in (*family["iterates"], family["final"])]}
-    if parameters:
-        config["parameters"] = parameters
-    return config
-
-
-def engine_processes(started):
-    """The vLLM engine processes (engine core, workers) this process started in ``started()``,
-    and a check that they are gone: closing an engine must end them, not leave them to the
-    interpreter's exit."""
-    import psutil
-
-    def ours():
-        found = set()
-        for process in psutil.Process().children(recursive=True):
-            try:
-                if process.name().startswith("VLLM::"):
-                    found.add(process)
-            except psutil.NoSuchProcess:  # a short-lived helper, gone already
-                pass
-        return found
-
-    before = ours()
-    result = started()
-    processes = ours() - before
-    assert processes, "the engine started no VLLM:: process"
-
-    def check_gone():
-        _, alive = psutil.wait_procs(processes, timeout=30)
-        assert not alive, f"still running after close(): {alive}"
-
-    return result, check_gone
 
 
 @pytest.fixture(scope="module")

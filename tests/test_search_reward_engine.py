@@ -9,11 +9,7 @@ import sys
 
 import pytest
 from conftest import write_config
-from engines import need
-from test_search_engines import PROMPTS, engine_family, engine_processes, family_config
-
-__all__ = ["engine_family"]  # a fixture of test_search_engines.py, used here too
-
+from engines import PROMPTS, engine_processes, family_config, need
 
 REWARD_TOLERANCE = 1e-5  # float32 logits; docs/search.md, "At scale"
 

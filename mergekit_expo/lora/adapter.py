@@ -192,16 +192,19 @@ def _is_number(value: Any) -> bool:
 
 
 def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
-    """(rank, scaling) of one module as PEFT computes it: lora_alpha / r, or / √r with rsLoRA."""
-    from peft.utils.other import get_pattern_key
-
+    """(rank, scaling) of one module as PEFT computes it: lora_alpha / r, or / √r with rsLoRA
+    (PEFT's pattern matching is imported only for per-module ranks or alphas)."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     rank = config["r"]
     if rank_pattern:
+        from peft.utils.other import get_pattern_key
+
         rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), rank)
     alpha = config["lora_alpha"]
     if alpha_pattern:
+        from peft.utils.other import get_pattern_key
+
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
     if config.get("use_rslora"):
         return rank, alpha / math.sqrt(rank)

@@ -134,7 +134,8 @@ def _yaml_files(root: Path) -> tuple[tuple[str, int], ...]:
 
 @functools.lru_cache(maxsize=8)
 def _task_manager(paths: tuple[str, ...], tasks: tuple[str, ...], state: tuple) -> Any:
-    from lm_eval.tasks import TaskManager  # state: a key only
+    """``state`` (the YAML files' names and mtimes) is only part of the cache key."""
+    from lm_eval.tasks import TaskManager
 
     if paths and tasks:
         local = TaskManager(include_path=list(paths), include_defaults=False)

@@ -47,21 +47,6 @@ class PoolWorker:
         return row, time.perf_counter() - started
 
 
-def connect(address: str | None, workers: int) -> bool:
-    """Join the Ray cluster at ``address``, or start a local one with ``workers`` CPUs. Returns
-    whether this call connected (False: the caller had initialized Ray already), that is,
-    whether ``ray.shutdown()`` is ours to call."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address is not None:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    return True
-
-
 class Pool:
     """Up to ``workers`` actors on a Ray cluster (a local one unless ``ray_address``)."""
 
@@ -69,7 +54,13 @@ class Pool:
         import ray
 
         settings = session.settings
-        self.started_ray = connect(settings.ray_address, settings.workers)
+        self.started_ray = not ray.is_initialized()  # a caller's Ray is left as it was
+        if self.started_ray:
+            if settings.ray_address is not None:
+                ray.init(address=settings.ray_address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=settings.workers, include_dashboard=False,
+                         log_to_driver=False)
         self.actor_class = ray.remote(num_cpus=1, num_gpus=settings.worker_gpus,
                                       max_restarts=0)(PoolWorker)
         self.arguments = (settings.model_copy(update={"progress": False}), session.scorer,
